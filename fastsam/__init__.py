@@ -1,0 +1,28 @@
+"""fastsam: a fast, complete sharpness-aware minimisation (SAM) optimizer family for PyTorch.
+
+SAM, ASAM, GSAM, output-bias forgetting (OBF), RandSAM and perturbation sub-batches, with
+the per-step bookkeeping (global norm, perturbation, exact restore, GSAM decomposition,
+accumulation) run by interchangeable backends of one ops contract (``fastsam.ops``).
+"""
+
+from fastsam.batchnorm import disable_running_stats, enable_running_stats, frozen_running_stats
+from fastsam.losses import OutputBiasForgetting
+from fastsam.ops import BackendUnavailableError, available_backends
+from fastsam.optimizer import SAM
+from fastsam.schedules import lr_proportional_rho
+from fastsam.training import StepOutput, train_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SAM",
+    "OutputBiasForgetting",
+    "train_step",
+    "StepOutput",
+    "disable_running_stats",
+    "enable_running_stats",
+    "frozen_running_stats",
+    "available_backends",
+    "BackendUnavailableError",
+    "lr_proportional_rho",
+]

@@ -1,0 +1,139 @@
+"""The ops contract and the registry of backends that implement it.
+
+Every backend implements the same six functions on *lists* of tensors that share one
+device and one dtype (the optimizer groups them). Data-dependent scalars stay 0-d fp32
+device tensors so that a GPU step never waits for the host. Math is fp32 whatever the
+tensor dtype; results are rounded once into the tensor's own dtype.
+
+``sumsq(tensors, params=None, b=0, eta=0.0) -> Tensor``
+    fp32 0-d ``sum_i ||T_i^b * g_i||^2`` with ``T = |w| + eta`` (``params`` needed iff b > 0).
+    Returning the sum of squares, not the norm, lets callers add partial sums across
+    groups, devices or processes before the square root.
+
+``perturb_(params, grads, backups, sumsq, rho, a=0, b=0, eta=0.0, eps=1e-12, ascent=None, ascent_sumsq=None)``
+    ``backup <- w; w <- w + rho * T^a * g / (sqrt(sumsq) + eps)`` (T from the unperturbed w).
+    With ``ascent`` (GSAM) also ``ascent <- g`` or, with ``ascent_sumsq``,
+    ``ascent <- g / (sqrt(ascent_sumsq) + eps)``. ``b`` is unused here (it shaped ``sumsq``)
+    but part of the signature so that one key describes a perturbation.
+
+``restore_(params, backups)``
+    ``w <- backup``, bit-exact.
+
+``gsam_reduce(ascent, grads) -> Tensor``
+    fp32 ``[<g_asc, g_p>, ||g_p||^2]`` (shape [2]) in one pass.
+
+``gsam_combine_(grads, ascent, stats, alpha, eps=1e-12)``
+    ``g_p <- g_p - alpha * (g_asc - <g_asc, h> h)`` with ``h = g_p / (||g_p|| + eps)``,
+    ``stats`` as returned by ``gsam_reduce`` (summed over all groups).
+
+``accumulate_(accum, grads, scale, init=False)``
+    ``accum <- scale * g`` if ``init`` else ``accum + scale * g``.
+
+``a`` is 0, 1 or 2 and ``b`` is 0 or 1 (PAPER.md section 2); ``rho``, ``eta``, ``eps``,
+``alpha`` and ``scale`` are Python floats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Callable, Optional
+
+import torch
+
+OP_NAMES = ("sumsq", "perturb_", "restore_", "gsam_reduce", "gsam_combine_", "accumulate_")
+
+# Order in which backend="auto" tries backends, by device type. The fused backends come
+# first once they are registered; "foreach" is the portable fallback, "reference" is for
+# tests (correct everywhere, slow everywhere) and is never chosen automatically.
+AUTO_PREFERENCE = {
+    "cuda": ("cuda", "triton", "foreach"),
+    "cpu": ("cpp", "foreach"),
+}
+AUTO_DEFAULT = ("foreach",)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was requested explicitly but cannot run here; the message says why and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One implementation of the ops contract.
+
+    ``unavailable_reason(device)`` returns None when the backend can run on tensors of
+    ``device`` and otherwise a sentence that says why not and what to do about it.
+    """
+
+    name: str
+    sumsq: Callable
+    perturb_: Callable
+    restore_: Callable
+    gsam_reduce: Callable
+    gsam_combine_: Callable
+    accumulate_: Callable
+    unavailable_reason: Callable[[torch.device], Optional[str]]
+
+
+# name -> Backend, or "module:attribute" for backends imported on first use (so that
+# `import fastsam` never builds or loads a compiled extension).
+_REGISTRY: dict[str, object] = {
+    "reference": "fastsam.ops.reference:BACKEND",
+    "foreach": "fastsam.ops.foreach:BACKEND",
+}
+
+
+def register_backend(backend, name: Optional[str] = None) -> None:
+    """Register a Backend (or a lazy "module:attribute" path to one) under ``name``."""
+    key = name if name is not None else backend.name
+    _REGISTRY[key] = backend
+
+
+def backend_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def _load(name: str) -> Backend:
+    entry = _REGISTRY[name]
+    if isinstance(entry, str):
+        module_name, attr = entry.split(":")
+        entry = getattr(importlib.import_module(module_name), attr)
+        _REGISTRY[name] = entry
+    return entry
+
+
+def get_backend(name: str, device) -> Backend:
+    """The backend called ``name`` for tensors on ``device``; raises if it cannot run there."""
+    device = torch.device(device)
+    if name == "auto":
+        return _load(resolve_auto(device))
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown fastsam backend {name!r}; choose 'auto' or one of {backend_names()}"
+        )
+    backend = _load(name)
+    reason = backend.unavailable_reason(device)
+    if reason is not None:
+        raise BackendUnavailableError(f"fastsam backend {name!r} cannot run on {device}: {reason}")
+    return backend
+
+
+def resolve_auto(device) -> str:
+    """The name of the backend that backend="auto" uses on ``device``: the first available one."""
+    device = torch.device(device)
+    for name in AUTO_PREFERENCE.get(device.type, AUTO_DEFAULT):
+        if name in _REGISTRY and _load(name).unavailable_reason(device) is None:
+            return name
+    raise BackendUnavailableError(f"no fastsam backend can run on {device}")
+
+
+def available_backends(device="cpu") -> list[str]:
+    """Names of the registered backends that can run on ``device`` right now."""
+    device = torch.device(device)
+    return [name for name in _REGISTRY if _load(name).unavailable_reason(device) is None]
+
+
+def check_exponents(a: int, b: int) -> None:
+    """The ASAM exponents every backend supports (PAPER.md section 2)."""
+    if a not in (0, 1, 2) or b not in (0, 1):
+        raise ValueError(f"ASAM exponents must be a in (0, 1, 2) and b in (0, 1); got a={a}, b={b}")

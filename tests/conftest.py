@@ -1,0 +1,78 @@
+"""Shared test helpers: which (device, backend) pairs to test and dtype-aware tolerances.
+
+Every backend that can run on a device is compared with ``reference`` there. CPU cases
+are generated for the backends available on the CPU; CUDA cases carry the ``gpu`` marker
+and skip only where no CUDA device exists.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fastsam import ops
+
+HAS_CUDA = torch.cuda.is_available()
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def fast_backends(device: str) -> list[str]:
+    return [name for name in ops.available_backends(device) if name != "reference"]
+
+
+def backend_cases() -> list:
+    """pytest params (device, backend) for every non-reference backend on every device."""
+    cases = [pytest.param("cpu", name, id=f"cpu-{name}") for name in fast_backends("cpu")]
+    if HAS_CUDA:
+        cases += [pytest.param("cuda", name, id=f"cuda-{name}", marks=pytest.mark.gpu)
+                  for name in fast_backends("cuda")]
+    else:
+        cases.append(pytest.param("cuda", "none", id="cuda", marks=[
+            pytest.mark.gpu, pytest.mark.skip(reason="no CUDA device on this machine")]))
+    return cases
+
+
+def tolerance(dtype: torch.dtype, reduction: bool = False) -> float:
+    """Relative error allowed against the fp32 reference, per unit of operand magnitude.
+
+    fp32 element-wise: a few ulps, 1e-5. fp32 reductions over up to ~1e6 terms: 1e-4,
+    because summation order alone moves them that far (measured: torch's own CPU norm
+    kernel over 524295 fp32 values is 3e-5 off the float64 sum); tests also reduce each
+    tensor on its own, where a lost tail element cannot hide in a large total. Low
+    precision: two roundings of the dtype, i.e. no worse than plain PyTorch evaluating the
+    formula term by term at that precision.
+    """
+    if dtype == torch.float32:
+        return 1e-4 if reduction else 1e-5
+    return 2.0 * torch.finfo(dtype).eps
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, magnitude, dtype=None,
+                        reduction: bool = False):
+    """|actual - expected| <= tol(dtype) * (|expected| + magnitude), elementwise.
+
+    ``magnitude`` is the size of the operands that an implementation rounds on the way
+    (a tensor broadcastable to ``expected`` or a float).
+    """
+    dtype = dtype or expected.dtype
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if isinstance(magnitude, torch.Tensor):
+        magnitude = magnitude.detach().double().cpu()
+    bound = tolerance(dtype, reduction) * (e.abs() + magnitude) + 1e-30
+    err = (a - e).abs()
+    bad = err > bound
+    if bad.any():
+        i = int(torch.nonzero(bad.reshape(-1))[0])
+        raise AssertionError(
+            f"{int(bad.sum())} of {e.numel()} elements out of tolerance ({dtype}); first at flat index {i}: "
+            f"actual {a.reshape(-1)[i].item()!r}, expected {e.reshape(-1)[i].item()!r}, "
+            f"bound {bound.reshape(-1)[i].item()!r}")
+
+
+def expected_backends(device: str) -> list[str]:
+    """Backends the environment says must be available (CI and the GPU check set these)."""
+    var = "FASTSAM_EXPECT_BACKENDS" if device == "cpu" else "FASTSAM_EXPECT_BACKENDS_CUDA"
+    return [name for name in os.environ.get(var, "").split(",") if name]

@@ -1,0 +1,248 @@
+"""Every backend's ops against the reference backend (fastsam/ops/reference.py).
+
+Tensor sets cover odd sizes (0, 1, 3, 4097, 278011 and one tensor spanning several
+kernel chunks), 2000 tiny tensors, and non-contiguous views (whose neighbouring elements
+must stay untouched); every dtype; every ASAM exponent pair and both GSAM backups.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastsam import ops
+from fastsam.ops import reference
+from tests.conftest import DTYPES, assert_close_scaled, backend_cases, expected_backends, fast_backends
+
+KINDS = ["odd", "tiny", "noncontig"]
+EXPONENTS = [(0, 0), (2, 1), (1, 1), (1, 0)]
+
+
+class Case:
+    """Parameter-like tensors (possibly views into larger owners) plus gradient-like tensors."""
+
+    def __init__(self, kind: str, dtype: torch.dtype, device: str, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+
+        def randn(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(device)
+
+        self.owners, self.outside = [], []
+        if kind == "odd":
+            shapes = [(4097,), (1,), (3,), (0,), (278011,), (3, 5, 7), (2 ** 19 + 7,)]
+            self.params = [randn(*s) for s in shapes]
+        elif kind == "tiny":
+            sizes = torch.randint(1, 10, (2000,), generator=gen).tolist()
+            self.params = [randn(n) for n in sizes]
+        elif kind == "noncontig":
+            self.params = []
+            for owner_shape, view in (((64, 130), lambda t: t[:, ::2]),
+                                      ((33, 17), lambda t: t.t()),
+                                      ((10, 12, 6), lambda t: t[:, :, 1:5]),
+                                      ((5000,), lambda t: t[1::3])):
+                owner = randn(*owner_shape)
+                v = view(owner)
+                mask = torch.ones_like(owner, dtype=torch.bool)
+                view(mask).fill_(False)
+                self.owners.append(owner)
+                self.outside.append((mask, owner[mask].clone()))
+                self.params.append(v)
+        else:
+            raise ValueError(kind)
+        self.grads = [self._like(p, randn, 0.1) for p in self.params]
+        self.grads2 = [self._like(p, randn, 0.1) for p in self.params]
+
+    @staticmethod
+    def _like(p, randn, scale):
+        # gradients get the same layout as their parameter (views of a larger tensor too)
+        if p.is_contiguous() or p.numel() == 0:
+            return randn(*p.shape, scale=scale)
+        return randn(*p.t().shape, scale=scale).t() if p.dim() == 2 and p.t().is_contiguous() \
+            else randn(*p.shape, p.shape[-1] + 1, scale=scale)[..., 0]
+
+    def clone_params(self):
+        if not self.owners:
+            return [p.clone() for p in self.params]
+        # keep views into fresh copies of the owners, so non-contiguity is preserved
+        views = []
+        for owner, p in zip(self.owners, self.params):
+            copy = owner.clone()
+            views.append(copy.as_strided(p.shape, p.stride(), p.storage_offset()))
+        return views
+
+    def check_outside_untouched(self, params):
+        for (mask, values), p in zip(self.outside, params):
+            owner = p.as_strided((p.untyped_storage().nbytes() // p.element_size(),), (1,), 0)
+            assert torch.equal(owner[mask.reshape(-1)], values), "a write escaped a non-contiguous view"
+
+
+def _backend(device, name):
+    return ops.get_backend(name, device)
+
+
+def test_expected_backends_are_available():
+    """CI names the backends it built (FASTSAM_EXPECT_BACKENDS); a broken build must not pass by skipping."""
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        missing = [n for n in expected_backends(device) if n not in fast_backends(device)]
+        assert not missing, f"backends expected on {device} but unavailable: {missing}"
+
+
+@pytest.mark.parametrize("device,name", backend_cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("b", [0, 1])
+def test_sumsq(device, name, dtype, kind, b):
+    case = Case(kind, dtype, device)
+    backend = _backend(device, name)
+    params = case.params if b else None
+    expected = reference.sumsq(case.grads, params, b, 0.01)
+    actual = backend.sumsq(case.grads, params, b, 0.01)
+    assert actual.dtype == torch.float32 and actual.dim() == 0 and actual.device.type == device
+    assert_close_scaled(actual, expected, 0.0, dtype, reduction=True)
+    again = backend.sumsq(case.grads, params, b, 0.01)
+    assert torch.equal(actual, again), "sumsq is not bitwise repeatable"
+    for i in range(min(len(case.grads), 10)):  # each tensor alone: a lost tail cannot hide
+        one_params = [case.params[i]] if b else None
+        assert_close_scaled(backend.sumsq([case.grads[i]], one_params, b, 0.01),
+                            reference.sumsq([case.grads[i]], one_params, b, 0.01), 0.0, dtype, reduction=True)
+
+
+@pytest.mark.parametrize("device,name", backend_cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("a,b,gsam", [(a, b, None) for a, b in EXPONENTS]
+                         + [(0, 0, "raw"), (0, 0, "normalized"), (2, 1, "raw"), (2, 1, "normalized")])
+def test_perturb(device, name, dtype, kind, a, b, gsam):
+    case = Case(kind, dtype, device)
+    backend = _backend(device, name)
+    rho, eta, eps = 0.3, 0.01, 1e-12
+    sumsq = reference.sumsq(case.grads, case.params, b, eta)
+    ascent_sumsq = reference.sumsq(case.grads) if gsam == "normalized" else None
+
+    results = {}
+    for impl_name, impl in (("reference", reference), ("backend", backend)):
+        params = case.clone_params()
+        backups = [torch.empty_like(p) for p in params]
+        ascent = [torch.empty_like(g) for g in case.grads] if gsam else None
+        impl.perturb_(params, case.grads, backups, sumsq, rho, a, b, eta, eps, ascent, ascent_sumsq)
+        results[impl_name] = (params, backups, ascent)
+        if case.owners:
+            case.check_outside_untouched(params)
+
+    inv_norm = 1.0 / (sumsq.sqrt().item() + eps)
+    (ref_p, _, ref_asc), (got_p, got_b, got_asc) = results["reference"], results["backend"]
+    for w0, expected, actual, backup, g in zip(case.params, ref_p, got_p, got_b, case.grads):
+        assert torch.equal(backup, w0), "backup must be a bit-exact copy of the weights"
+        step = rho * inv_norm * (w0.double().abs() + eta) ** a * g.double().abs()
+        assert_close_scaled(actual, expected, w0.double().abs() + step)
+    if gsam:
+        for expected, actual, g in zip(ref_asc, got_asc, case.grads):
+            if gsam == "raw":
+                assert torch.equal(actual, g)
+            else:
+                assert_close_scaled(actual, expected, g.double().abs() / ascent_sumsq.sqrt().item())
+
+
+@pytest.mark.parametrize("device,name", backend_cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_restore_is_bit_exact(device, name, dtype, kind):
+    case = Case(kind, dtype, device)
+    backend = _backend(device, name)
+    params = case.clone_params()
+    backups = [g.clone() for g in case.grads]  # any other values will do
+    backend.restore_(params, backups)
+    for p, backup in zip(params, backups):
+        assert torch.equal(p, backup)
+    if case.owners:
+        case.check_outside_untouched(params)
+
+
+@pytest.mark.parametrize("device,name", backend_cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_gsam_reduce(device, name, dtype, kind):
+    case = Case(kind, dtype, device)
+    backend = _backend(device, name)
+    expected = reference.gsam_reduce(case.grads, case.grads2)
+    actual = backend.gsam_reduce(case.grads, case.grads2)
+    assert actual.shape == (2,) and actual.dtype == torch.float32
+    abs_dot = sum((g.double() * h.double()).abs().sum() for g, h in zip(case.grads, case.grads2))
+    assert_close_scaled(actual[0], expected[0], abs_dot, dtype, reduction=True)
+    assert_close_scaled(actual[1], expected[1], 0.0, dtype, reduction=True)
+    assert torch.equal(actual, backend.gsam_reduce(case.grads, case.grads2)), "not bitwise repeatable"
+
+
+@pytest.mark.parametrize("device,name", backend_cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("alpha", [0.4, 1.0])
+def test_gsam_combine(device, name, dtype, kind, alpha):
+    case = Case(kind, dtype, device)
+    backend = _backend(device, name)
+    stats = reference.gsam_reduce(case.grads, case.grads2)
+    coefficient = 1.0 + alpha * stats[0].item() / (stats[1].sqrt().item() + 1e-12) ** 2
+    results = []
+    for impl in (reference, backend):
+        grads = [g.clone() for g in case.grads2]
+        impl.gsam_combine_(grads, case.grads, stats, alpha, 1e-12)
+        results.append(grads)
+    for expected, actual, gp, g in zip(*results, case.grads2, case.grads):
+        assert_close_scaled(actual, expected, abs(coefficient) * gp.double().abs() + alpha * g.double().abs())
+
+
+@pytest.mark.parametrize("device,name", backend_cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("init", [True, False])
+def test_accumulate(device, name, dtype, kind, init):
+    case = Case(kind, dtype, device)
+    backend = _backend(device, name)
+    scale = 0.375
+    results = []
+    for impl in (reference, backend):
+        accum = case.clone_params()
+        impl.accumulate_(accum, case.grads, scale, init)
+        results.append(accum)
+        if case.owners:
+            case.check_outside_untouched(accum)
+    for expected, actual, acc0, g in zip(*results, case.params, case.grads):
+        magnitude = scale * g.double().abs() + (0.0 if init else acc0.double().abs())
+        assert_close_scaled(actual, expected, magnitude)
+
+
+@pytest.mark.parametrize("name", ["reference", "foreach"])
+def test_empty_lists_are_no_ops(name):
+    backend = ops.get_backend(name, "cpu")
+    assert backend.sumsq([]).item() == 0.0
+    backend.perturb_([], [], [], torch.tensor(1.0), 0.1)
+    backend.restore_([], [])
+    backend.accumulate_([], [], 1.0, init=True)
+    assert backend.gsam_reduce([], []).tolist() == [0.0, 0.0]
+    backend.gsam_combine_([], [], torch.zeros(2), 0.5)
+
+
+def test_reference_formulas_match_closed_form():
+    """The reference itself, against numbers derived by hand (so the ground truth is grounded)."""
+    w = [torch.tensor([3.0, -4.0]), torch.tensor([12.0])]
+    g = [torch.tensor([1.0, 2.0]), torch.tensor([-2.0])]
+    # sum g^2 = 1 + 4 + 4 = 9; with b = 1, eta = 0: sum (|w| g)^2 = 9 + 64 + 576 = 649
+    assert reference.sumsq(g).item() == 9.0
+    assert reference.sumsq(g, w, 1, 0.0).item() == 649.0
+    params, backups = [t.clone() for t in w], [torch.empty(2), torch.empty(1)]
+    reference.perturb_(params, g, backups, torch.tensor(9.0), 0.3)  # eps = 0.3 g / 3 = 0.1 g
+    torch.testing.assert_close(params[0], torch.tensor([3.1, -3.8]))
+    torch.testing.assert_close(params[1], torch.tensor([11.8]))
+    # GSAM with g_asc = (1, 0), g_p = (1, 1): <g,h> h = (0.5, 0.5), g_orth = (0.5, -0.5)
+    stats = reference.gsam_reduce([torch.tensor([1.0, 0.0])], [torch.tensor([1.0, 1.0])])
+    assert stats.tolist() == [1.0, 2.0]
+    gp = [torch.tensor([1.0, 1.0])]
+    reference.gsam_combine_(gp, [torch.tensor([1.0, 0.0])], stats, 0.5, 0.0)
+    torch.testing.assert_close(gp[0], torch.tensor([0.75, 1.25]))
+
+
+def test_unknown_and_unavailable_backends_raise_clearly():
+    with pytest.raises(ValueError, match="unknown fastsam backend 'nope'"):
+        ops.get_backend("nope", "cpu")
+    with pytest.raises(ValueError, match="ASAM exponents"):
+        reference.perturb_([], [], [], torch.tensor(1.0), 0.1, a=3)
