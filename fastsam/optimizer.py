@@ -414,6 +414,9 @@ class SAM(Optimizer):
             raise RuntimeError("the weights are perturbed: call unperturb() before base_step()")
         result = self._base.step()
         self._remember_grads()
+        # LR schedulers attached to SAM watch for SAM.step(); a step through
+        # second_step()/train_step() is just as real (torch.optim.lr_scheduler reads this flag).
+        self._opt_called = True
         return result
 
     @torch.no_grad()
