@@ -27,7 +27,9 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "numpy"],
         "plot": ["matplotlib"],
+        "experiments": ["matplotlib", "mnist1d", "scikit-learn"],
     },
+    entry_points={"console_scripts": ["fastsam-bench = fastsam.bench.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
