@@ -56,10 +56,12 @@ class OutputBiasForgetting(nn.Module):
         z, y = z[keep], y[keep]
         if z.shape[0] == 0:
             return (logits * 0.0).sum()
+        # fp32 math for half-precision logits (autocast), fp64 stays fp64
+        compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        z = z.to(compute_dtype)
         with torch.no_grad():
-            z32 = z.detach().float()
-            p = torch.sigmoid(z32) if self.sigmoid else torch.softmax(z32, dim=-1)
-            one_hot = F.one_hot(y, num_classes).to(torch.float32)
+            p = torch.sigmoid(z.detach()) if self.sigmoid else torch.softmax(z.detach(), dim=-1)
+            one_hot = F.one_hot(y, num_classes).to(compute_dtype)
             alpha = self.alpha(p.gather(1, y[:, None]))
             coefficients = 1.0 / num_classes - alpha * p - (1.0 - alpha) * one_hot
-        return (coefficients * z.float()).sum(dim=1).mean()
+        return (coefficients * z).sum(dim=1).mean()

@@ -160,9 +160,10 @@ class SAM(Optimizer):
         self.generator = generator
         self.backend = backend
         self.perturb_eps = float(perturb_eps)
-        self._backends: dict[torch.device, ops.Backend] = {}
-        for device in {p.device for group in self.param_groups for p in group["params"]}:
-            self._backend_for(device)  # an unavailable backend fails here, not mid-training
+        self._backends: dict[tuple, ops.Backend] = {}
+        for device, dtype in {(p.device, p.dtype) for group in self.param_groups for p in group["params"]}:
+            if dtype.is_floating_point:
+                self._backend_for(device, dtype)  # an unavailable backend fails here, not mid-training
         self._perturbed: Optional[list[_Bucket]] = None
         self._reset_accumulation()
         self._stale_grads: list = []
@@ -229,17 +230,17 @@ class SAM(Optimizer):
         """True between first_step() and the restore in unperturb()/second_step()."""
         return self._perturbed is not None
 
-    def backend_for(self, device) -> str:
-        """The name of the backend this optimizer uses for tensors on ``device``."""
-        return self._backend_for(torch.device(device)).name
+    def backend_for(self, device, dtype: torch.dtype = torch.float32) -> str:
+        """The name of the backend this optimizer uses for ``dtype`` tensors on ``device``."""
+        return self._backend_for(torch.device(device), dtype).name
 
-    def _backend_for(self, device: torch.device) -> ops.Backend:
-        backend = self._backends.get(device)
+    def _backend_for(self, device: torch.device, dtype: torch.dtype) -> ops.Backend:
+        backend = self._backends.get((device, dtype))
         if backend is None:
-            backend = ops.get_backend(self.backend, device)
+            backend = ops.get_backend(self.backend, device, dtype)
             if self.backend == "auto":
-                logger.info("fastsam: backend='auto' chose %r for %s", backend.name, device)
-            self._backends[device] = backend
+                logger.info("fastsam: backend='auto' chose %r for %s tensors on %s", backend.name, dtype, device)
+            self._backends[(device, dtype)] = backend
         return backend
 
     def _buckets(self) -> list[_Bucket]:
@@ -258,7 +259,7 @@ class SAM(Optimizer):
                 a, b = (a_adaptive, b_adaptive) if adaptive else (0, 0)
                 key = (index, p.device, p.dtype, a, b)
                 if key not in buckets:
-                    buckets[key] = _Bucket([], self._backend_for(p.device), a, b, float(group["eta"]),
+                    buckets[key] = _Bucket([], self._backend_for(p.device, p.dtype), a, b, float(group["eta"]),
                                            rho, float(group["gsam_alpha"]))
                 buckets[key].params.append(p)
                 devices.add(p.device)

@@ -2,11 +2,13 @@
 
 Every backend implements the same six functions on *lists* of tensors that share one
 device and one dtype (the optimizer groups them). Data-dependent scalars stay 0-d fp32
-device tensors so that a GPU step never waits for the host. Math is fp32 whatever the
-tensor dtype; results are rounded once into the tensor's own dtype.
+device tensors so that a GPU step never waits for the host. Math is fp32 for fp32, bf16
+and fp16 tensors (fp64 for float64 tensors, where a backend supports them); results are
+rounded once into the tensor's own dtype. ``Backend.dtypes`` lists the dtypes a backend
+accepts; "auto" picks per (device, dtype).
 
 ``sumsq(tensors, params=None, b=0, eta=0.0) -> Tensor``
-    fp32 0-d ``sum_i ||T_i^b * g_i||^2`` with ``T = |w| + eta`` (``params`` needed iff b > 0).
+    fp32 (fp64 for float64 tensors) 0-d ``sum_i ||T_i^b * g_i||^2`` with ``T = |w| + eta`` (``params`` needed iff b > 0).
     Returning the sum of squares, not the norm, lets callers add partial sums across
     groups, devices or processes before the square root.
 
@@ -20,7 +22,7 @@ tensor dtype; results are rounded once into the tensor's own dtype.
     ``w <- backup``, bit-exact.
 
 ``gsam_reduce(ascent, grads) -> Tensor``
-    fp32 ``[<g_asc, g_p>, ||g_p||^2]`` (shape [2]) in one pass.
+    fp32 (fp64 for float64 tensors) ``[<g_asc, g_p>, ||g_p||^2]`` (shape [2]) in one pass.
 
 ``gsam_combine_(grads, ascent, stats, alpha, eps=1e-12)``
     ``g_p <- g_p - alpha * (g_asc - <g_asc, h> h)`` with ``h = g_p / (||g_p|| + eps)``,
@@ -73,6 +75,7 @@ class Backend:
     gsam_combine_: Callable
     accumulate_: Callable
     unavailable_reason: Callable[[torch.device], Optional[str]]
+    dtypes: tuple = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 # name -> Backend, or "module:attribute" for backends imported on first use (so that
@@ -102,11 +105,11 @@ def _load(name: str) -> Backend:
     return entry
 
 
-def get_backend(name: str, device) -> Backend:
-    """The backend called ``name`` for tensors on ``device``; raises if it cannot run there."""
+def get_backend(name: str, device, dtype: Optional[torch.dtype] = None) -> Backend:
+    """The backend called ``name`` for tensors on ``device`` (of ``dtype``); raises if it cannot run there."""
     device = torch.device(device)
     if name == "auto":
-        return _load(resolve_auto(device))
+        return _load(resolve_auto(device, dtype))
     if name not in _REGISTRY:
         raise ValueError(
             f"unknown fastsam backend {name!r}; choose 'auto' or one of {backend_names()}"
@@ -115,16 +118,23 @@ def get_backend(name: str, device) -> Backend:
     reason = backend.unavailable_reason(device)
     if reason is not None:
         raise BackendUnavailableError(f"fastsam backend {name!r} cannot run on {device}: {reason}")
+    if dtype is not None and dtype not in backend.dtypes:
+        raise BackendUnavailableError(
+            f"fastsam backend {name!r} does not support {dtype} tensors (it supports "
+            f"{[str(d) for d in backend.dtypes]}); use backend='auto' or 'foreach' for them")
     return backend
 
 
-def resolve_auto(device) -> str:
-    """The name of the backend that backend="auto" uses on ``device``: the first available one."""
+def resolve_auto(device, dtype: Optional[torch.dtype] = None) -> str:
+    """The name of the backend that backend="auto" uses on ``device`` (for ``dtype``): the first available one."""
     device = torch.device(device)
     for name in AUTO_PREFERENCE.get(device.type, AUTO_DEFAULT):
-        if name in _REGISTRY and _load(name).unavailable_reason(device) is None:
+        if name not in _REGISTRY:
+            continue
+        backend = _load(name)
+        if backend.unavailable_reason(device) is None and (dtype is None or dtype in backend.dtypes):
             return name
-    raise BackendUnavailableError(f"no fastsam backend can run on {device}")
+    raise BackendUnavailableError(f"no fastsam backend can run on {device}" + (f" for {dtype}" if dtype else ""))
 
 
 def available_backends(device="cpu") -> list[str]:

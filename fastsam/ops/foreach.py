@@ -20,8 +20,12 @@ def _zero(device) -> Tensor:
     return torch.zeros((), dtype=torch.float32, device=device)
 
 
+def _reduction_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    return torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+
+
 def _sum_of_squared_norms(tensors: Sequence[Tensor]) -> Tensor:
-    norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float32)
+    norms = torch._foreach_norm(list(tensors), 2, dtype=_reduction_dtype(tensors))
     return torch.stack(norms).square().sum()
 
 
@@ -57,11 +61,11 @@ def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], backups: Sequenc
     if not params:
         return
     params, grads = list(params), list(grads)
-    scale = rho / (sumsq.to(torch.float32).sqrt() + eps)
+    scale = rho / (sumsq.sqrt() + eps)
     if ascent is not None:
         torch._foreach_copy_(list(ascent), grads)
         if ascent_sumsq is not None:
-            torch._foreach_mul_(list(ascent), 1.0 / (ascent_sumsq.to(torch.float32).sqrt() + eps))
+            torch._foreach_mul_(list(ascent), 1.0 / (ascent_sumsq.sqrt() + eps))
     if a == 0:
         step = torch._foreach_mul(grads, scale)
     else:
@@ -82,7 +86,7 @@ def gsam_reduce(ascent: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
         return torch.zeros(2, dtype=torch.float32)
     # There is no _foreach_sum: multiply with one launch, then one cat + sum.
     products = torch._foreach_mul(list(ascent), list(grads))
-    dot = torch.cat([p.reshape(-1) for p in products]).sum(dtype=torch.float32)
+    dot = torch.cat([p.reshape(-1) for p in products]).sum(dtype=_reduction_dtype(grads))
     return torch.stack([dot, _sum_of_squared_norms(grads)])
 
 
@@ -90,7 +94,6 @@ def gsam_combine_(grads: Sequence[Tensor], ascent: Sequence[Tensor], stats: Tens
                   eps: float = 1e-12) -> None:
     if not grads:
         return
-    stats = stats.to(torch.float32)
     # g_p - alpha * (g_asc - <g_asc,h> h) = (1 + alpha * dot / (|g_p| + eps)^2) * g_p - alpha * g_asc
     gp_coefficient = 1.0 + alpha * stats[0] / (stats[1].sqrt() + eps).square()
     torch._foreach_mul_(list(grads), gp_coefficient)

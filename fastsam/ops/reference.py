@@ -1,7 +1,8 @@
 """Reference backend: the ops contract one tensor at a time, in plain fp32 PyTorch.
 
 Written to be obviously right, not fast. Every other backend is tested against it.
-Each formula upcasts to fp32, computes, and rounds once into the tensor's dtype.
+Each formula upcasts to fp32 (float64 stays float64), computes, and rounds once into
+the tensor's dtype.
 """
 
 from __future__ import annotations
@@ -14,19 +15,26 @@ from torch import Tensor
 from fastsam.ops import Backend, check_exponents
 
 
-def _fp32(t: Tensor) -> Tensor:
-    return t.detach().to(torch.float32)
+def _upcast(t: Tensor) -> Tensor:
+    """The compute copy: fp32, or fp64 for float64 tensors."""
+    return t.detach().to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+
+
+def _accumulator(tensors: Sequence[Tensor]) -> Tensor:
+    dtype = torch.float64 if len(tensors) and tensors[0].dtype == torch.float64 else torch.float32
+    device = tensors[0].device if len(tensors) else torch.device("cpu")
+    return torch.zeros((), dtype=dtype, device=device)
 
 
 def _adaptive_scale(w: Tensor, eta: float, power: int) -> Tensor | float:
     """T^power with T = |w| + eta, in fp32 (1.0 when power == 0)."""
     if power == 0:
         return 1.0
-    return (_fp32(w).abs() + eta) ** power
+    return (_upcast(w).abs() + eta) ** power
 
 
 def _inverse_norm(sumsq: Tensor, eps: float) -> Tensor:
-    return 1.0 / (sumsq.to(torch.float32).sqrt() + eps)
+    return 1.0 / (sumsq.sqrt() + eps)
 
 
 def sumsq(tensors: Sequence[Tensor], params: Optional[Sequence[Tensor]] = None, b: int = 0,
@@ -34,10 +42,9 @@ def sumsq(tensors: Sequence[Tensor], params: Optional[Sequence[Tensor]] = None, 
     check_exponents(0, b)
     if b > 0 and params is None:
         raise ValueError("sumsq with b > 0 needs the parameters (T = |w| + eta)")
-    device = tensors[0].device if len(tensors) else torch.device("cpu")
-    total = torch.zeros((), dtype=torch.float32, device=device)
+    total = _accumulator(tensors)
     for i, g in enumerate(tensors):
-        scaled = _fp32(g) * _adaptive_scale(params[i], eta, b) if b > 0 else _fp32(g)
+        scaled = _upcast(g) * _adaptive_scale(params[i], eta, b) if b > 0 else _upcast(g)
         total = total + scaled.square().sum()
     return total
 
@@ -51,12 +58,12 @@ def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], backups: Sequenc
     ascent_scale = _inverse_norm(ascent_sumsq, eps) if ascent_sumsq is not None else None
     with torch.no_grad():
         for i, (w, g, backup) in enumerate(zip(params, grads, backups)):
-            g32 = _fp32(g)
+            g32 = _upcast(g)
             if ascent is not None:
                 ascent[i].copy_(g32 * ascent_scale if ascent_scale is not None else g)
             step = scale * _adaptive_scale(w, eta, a) * g32
             backup.copy_(w)
-            w.copy_(_fp32(w) + step)
+            w.copy_(_upcast(w) + step)
 
 
 def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
@@ -66,33 +73,31 @@ def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
 
 
 def gsam_reduce(ascent: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
-    device = grads[0].device if len(grads) else torch.device("cpu")
-    dot = torch.zeros((), dtype=torch.float32, device=device)
-    gp_sumsq = torch.zeros((), dtype=torch.float32, device=device)
+    dot = _accumulator(grads)
+    gp_sumsq = _accumulator(grads)
     for g_asc, g_p in zip(ascent, grads):
-        dot = dot + (_fp32(g_asc) * _fp32(g_p)).sum()
-        gp_sumsq = gp_sumsq + _fp32(g_p).square().sum()
+        dot = dot + (_upcast(g_asc) * _upcast(g_p)).sum()
+        gp_sumsq = gp_sumsq + _upcast(g_p).square().sum()
     return torch.stack([dot, gp_sumsq])
 
 
 def gsam_combine_(grads: Sequence[Tensor], ascent: Sequence[Tensor], stats: Tensor, alpha: float,
                   eps: float = 1e-12) -> None:
-    stats = stats.to(torch.float32)
     gp_norm = stats[1].sqrt() + eps
     ascent_along_gp = stats[0] / gp_norm  # <g_asc, h> with h = g_p / (||g_p|| + eps)
     with torch.no_grad():
         for g_p, g_asc in zip(grads, ascent):
-            h = _fp32(g_p) / gp_norm
-            g_orth = _fp32(g_asc) - ascent_along_gp * h
-            g_p.copy_(_fp32(g_p) - alpha * g_orth)
+            h = _upcast(g_p) / gp_norm
+            g_orth = _upcast(g_asc) - ascent_along_gp * h
+            g_p.copy_(_upcast(g_p) - alpha * g_orth)
 
 
 def accumulate_(accum: Sequence[Tensor], grads: Sequence[Tensor], scale: float,
                 init: bool = False) -> None:
     with torch.no_grad():
         for acc, g in zip(accum, grads):
-            contribution = scale * _fp32(g)
-            acc.copy_(contribution if init else _fp32(acc) + contribution)
+            contribution = scale * _upcast(g)
+            acc.copy_(contribution if init else _upcast(acc) + contribution)
 
 
 def _always_available(device: torch.device) -> Optional[str]:
