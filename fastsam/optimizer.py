@@ -22,6 +22,11 @@ from torch.optim import Optimizer
 from fastsam import ops
 from fastsam.schedules import RHO_SCHEDULES, lr_proportional_rho
 
+try:  # FSDP2 parameters are DTensors; the kernels work on their local shards
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without distributed support
+    _DTensor = None
+
 logger = logging.getLogger("fastsam")
 
 # adaptive option -> (a, b) exponents of T = |w| + eta in eps = rho * T^a g / ||T^b g||
@@ -78,9 +83,58 @@ def _lr(group: dict) -> float:
     return float(lr)
 
 
+def _is_dtensor(t) -> bool:
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    """The tensor the kernels work on: the local shard of a DTensor (FSDP), else the tensor."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _like_param(p: Tensor, local: Tensor) -> Tensor:
+    """Wrap a local tensor as a gradient for ``p`` (a DTensor again when ``p`` is one)."""
+    if not _is_dtensor(p):
+        return local
+    return _DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def _shard_group(p: Tensor):
+    """The process group over which ``p``'s local sums must be added (None: ``p`` is whole here)."""
+    if not _is_dtensor(p):
+        return None
+    placements = p.placements
+    if any(pl.is_partial() for pl in placements):
+        raise ValueError("fastsam.SAM cannot work on parameters with Partial placements")
+    shard_dims = [i for i, pl in enumerate(placements) if pl.is_shard()]
+    if not shard_dims:
+        return None
+    if len(shard_dims) > 1:
+        raise NotImplementedError("fastsam.SAM supports parameters sharded over one device-mesh dimension "
+                                  f"(FSDP, HSDP); got placements {placements}")
+    return p.device_mesh.get_group(mesh_dim=shard_dims[0])
+
+
+def _global_sum(buckets, parts: list[Tensor]) -> Tensor:
+    """Add per-bucket partial sums; sums over shards are all-reduced over their group first."""
+    total, sharded = None, {}
+    for bucket, part in zip(buckets, parts):
+        if bucket.shard_group is None:
+            total = part if total is None else total + part
+        else:
+            key = id(bucket.shard_group)
+            group, acc = sharded.get(key, (bucket.shard_group, None))
+            sharded[key] = (group, part if acc is None else acc + part)
+    for group, part in sharded.values():
+        part = part.clone()
+        torch.distributed.all_reduce(part, group=group)
+        total = part if total is None else total + part.to(total.device)
+    return total
+
+
 @dataclasses.dataclass
 class _Bucket:
-    """Parameters that share device, dtype and every per-tensor setting of one SAM sub-step."""
+    """Parameters that share device, dtype, shard group and every per-tensor setting of one SAM sub-step."""
 
     params: list
     backend: ops.Backend
@@ -89,6 +143,13 @@ class _Bucket:
     eta: float
     rho: float
     alpha: float
+    shard_group: Optional[object] = None
+
+    def tensors(self) -> list[Tensor]:
+        return [_local(p) for p in self.params]
+
+    def grads(self) -> list[Tensor]:
+        return [_local(p.grad) for p in self.params]
 
 
 class SAM(Optimizer):
@@ -113,9 +174,11 @@ class SAM(Optimizer):
 
     Global options: ``gsam_normalize_ascent`` (GSAM's "normalised backup"), ``randsam``
     (the ascent direction is N(0, I) noise drawn from ``generator``), ``backend``
-    ('auto', 'reference', 'foreach', or a compiled backend) and ``perturb_eps`` (the
+    ('auto', 'reference', 'foreach', or a compiled backend), ``perturb_eps`` (the
     guard xi = 1e-12 of PAPER.md; not called ``eps`` so that e.g. AdamW's ``eps`` still
-    reaches the base optimizer).
+    reaches the base optimizer) and ``check_finite`` (refuse a base step whose gradients
+    are inf/nan, at the cost of one host synchronisation per step; a GradScaler
+    replaces the check).
     """
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive=False, *,
@@ -123,7 +186,8 @@ class SAM(Optimizer):
                  gsam_normalize_ascent: bool = False, rho_schedule: str = "constant",
                  rho_min: float = 0.0, lr_max: Optional[float] = None, lr_min: float = 0.0,
                  randsam: bool = False, generator: Optional[torch.Generator] = None,
-                 backend: str = "auto", perturb_eps: float = 1e-12, **base_kwargs):
+                 backend: str = "auto", perturb_eps: float = 1e-12, check_finite: bool = True,
+                 **base_kwargs):
         sam_defaults = dict(rho=rho, adaptive=adaptive, eta=eta, adaptive_scope=adaptive_scope,
                             gsam_alpha=gsam_alpha, rho_schedule=rho_schedule, rho_min=rho_min,
                             lr_max=lr_max, lr_min=lr_min)
@@ -164,7 +228,9 @@ class SAM(Optimizer):
         for device, dtype in {(p.device, p.dtype) for group in self.param_groups for p in group["params"]}:
             if dtype.is_floating_point:
                 self._backend_for(device, dtype)  # an unavailable backend fails here, not mid-training
+        self.check_finite = bool(check_finite)
         self._perturbed: Optional[list[_Bucket]] = None
+        self._ascent_sumsqs: list[Tensor] = []
         self._reset_accumulation()
         self._stale_grads: list = []
 
@@ -243,8 +309,8 @@ class SAM(Optimizer):
             self._backends[(device, dtype)] = backend
         return backend
 
-    def _buckets(self) -> list[_Bucket]:
-        """Group the parameters to perturb by device, dtype and per-tensor settings."""
+    def _buckets(self, with_grad_only: bool = False) -> list[_Bucket]:
+        """Group the parameters to perturb by device, dtype, per-tensor settings and shard group."""
         buckets: dict[tuple, _Bucket] = {}
         devices = set()
         for index, group in enumerate(self.param_groups):
@@ -252,15 +318,16 @@ class SAM(Optimizer):
             rho = self._current_rho(group)
             a_adaptive, b_adaptive = _adaptive_exponents(group["adaptive"])
             for p in group["params"]:
-                if not p.requires_grad or (p.grad is None and not self.randsam):
+                if not p.requires_grad or (p.grad is None and (with_grad_only or not self.randsam)):
                     continue
                 self._check_param(p)
                 adaptive = group["adaptive_scope"] == "all" or p.dim() >= 2
                 a, b = (a_adaptive, b_adaptive) if adaptive else (0, 0)
-                key = (index, p.device, p.dtype, a, b)
+                shard_group = _shard_group(p)
+                key = (index, p.device, p.dtype, a, b, id(shard_group))
                 if key not in buckets:
                     buckets[key] = _Bucket([], self._backend_for(p.device, p.dtype), a, b, float(group["eta"]),
-                                           rho, float(group["gsam_alpha"]))
+                                           rho, float(group["gsam_alpha"]), shard_group)
                 buckets[key].params.append(p)
                 devices.add(p.device)
         if len(devices) > 1:
@@ -284,30 +351,36 @@ class SAM(Optimizer):
         return float(group["rho"])
 
     def _buffers(self, params, name: str) -> list[Tensor]:
+        """Per-parameter scratch tensors shaped like the parameter's local data (its shard under FSDP)."""
         out = []
         for p in params:
+            like = _local(p)
             state = self.state[p]
             buf = state.get(name)
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-                buf = torch.empty_like(p, memory_format=torch.preserve_format)
+            if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
+                buf = torch.empty_like(like, memory_format=torch.preserve_format)
                 state[name] = buf
             out.append(buf)
         return out
 
     def _directions(self, bucket: _Bucket) -> list[Tensor]:
         if not self.randsam:
-            return [p.grad for p in bucket.params]
+            return bucket.grads()
         noise = self._buffers(bucket.params, "noise")
         for n in noise:
             n.normal_(generator=self.generator)
         return noise
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, skip_nonfinite: bool = False) -> bool:
         """Perturb the weights to w + eps along the normalised ascent direction, keeping an exact backup.
 
         The ascent direction is the current gradient (or noise with ``randsam``); the norm
-        is global over every parameter of every group.
+        is global over every parameter of every group (and every shard, under FSDP).
+        With ``skip_nonfinite`` (for loops with a GradScaler) a non-finite ascent norm
+        leaves weights and gradients untouched and returns False, so that the scaler sees
+        the inf and skips its step; this costs one host synchronisation. Returns True when
+        the weights were perturbed.
         """
         if self._perturbed is not None:
             raise RuntimeError("first_step() was called twice: the weights are already perturbed; "
@@ -318,6 +391,9 @@ class SAM(Optimizer):
                                "(all parameters have grad=None or requires_grad=False)")
         directions = [self._directions(bucket) for bucket in buckets]
         total = self._sumsq(buckets, directions, adaptive=True)
+        if skip_nonfinite and not bool(torch.isfinite(total)):
+            return False
+        self._ascent_sumsqs.append(total)
         gsam = any(bucket.alpha != 0.0 for bucket in buckets)
         ascent_sumsq = None
         if gsam and self.gsam_normalize_ascent:
@@ -325,21 +401,20 @@ class SAM(Optimizer):
             ascent_sumsq = self._sumsq(buckets, directions, adaptive=False) if adaptive_norm else total
         for bucket, direction in zip(buckets, directions):
             bucket.backend.perturb_(
-                bucket.params, direction, self._buffers(bucket.params, "backup"), total, bucket.rho,
+                bucket.tensors(), direction, self._buffers(bucket.params, "backup"), total, bucket.rho,
                 bucket.a, bucket.b, bucket.eta, self.perturb_eps,
                 self._buffers(bucket.params, "ascent") if gsam else None, ascent_sumsq)
         self._perturbed = buckets
         if zero_grad:
             self.zero_grad()
+        return True
 
-    @staticmethod
-    def _sumsq(buckets, directions, adaptive: bool) -> Tensor:
-        total = None
+    def _sumsq(self, buckets, directions, adaptive: bool) -> Tensor:
+        parts = []
         for bucket, direction in zip(buckets, directions):
             b = bucket.b if adaptive else 0
-            part = bucket.backend.sumsq(direction, bucket.params if b else None, b, bucket.eta)
-            total = part if total is None else total + part
-        return total
+            parts.append(bucket.backend.sumsq(direction, bucket.tensors() if b else None, b, bucket.eta))
+        return _global_sum(buckets, parts)
 
     @torch.no_grad()
     def unperturb(self, accumulate_weight: Optional[float] = None) -> None:
@@ -356,14 +431,12 @@ class SAM(Optimizer):
         live = [dataclasses.replace(b, params=[p for p in b.params if p.grad is not None]) for b in buckets]
         live = [b for b in live if b.params]
         if any(b.alpha != 0.0 for b in live):
-            stats = None
-            for b in live:
-                part = b.backend.gsam_reduce(self._buffers(b.params, "ascent"), [p.grad for p in b.params])
-                stats = part if stats is None else stats + part
+            stats = _global_sum(live, [b.backend.gsam_reduce(self._buffers(b.params, "ascent"), b.grads())
+                                       for b in live])
             for b in live:
                 if b.alpha != 0.0:
-                    b.backend.gsam_combine_([p.grad for p in b.params], self._buffers(b.params, "ascent"),
-                                            stats, b.alpha, self.perturb_eps)
+                    b.backend.gsam_combine_(b.grads(), self._buffers(b.params, "ascent"), stats, b.alpha,
+                                            self.perturb_eps)
         if accumulate_weight is not None:
             self._accumulate(live, float(accumulate_weight))
 
@@ -375,7 +448,7 @@ class SAM(Optimizer):
             later = [p for p in bucket.params if id(p) in self._accum_ids]
             for params, init in ((first, True), (later, False)):
                 if params:
-                    bucket.backend.accumulate_(self._buffers(params, "accum"), [p.grad for p in params],
+                    bucket.backend.accumulate_(self._buffers(params, "accum"), [_local(p.grad) for p in params],
                                                weight, init=init)
             for p in first:
                 self._accum_ids.add(id(p))
@@ -383,9 +456,10 @@ class SAM(Optimizer):
             for p in bucket.params:
                 p.grad = None
 
+    @torch.no_grad()
     def _restore(self, buckets: list[_Bucket]) -> None:
         for bucket in buckets:
-            bucket.backend.restore_(bucket.params, self._buffers(bucket.params, "backup"))
+            bucket.backend.restore_(bucket.tensors(), self._buffers(bucket.params, "backup"))
         self._perturbed = None
 
     @torch.no_grad()
@@ -394,13 +468,17 @@ class SAM(Optimizer):
         if not self._accum_params:
             raise RuntimeError("no gradients were accumulated: call unperturb(accumulate_weight=...) first")
         for p in self._accum_params:
-            p.grad = self.state[p].pop("accum")
+            p.grad = _like_param(p, self.state[p].pop("accum"))
         self._reset_accumulation()
 
     def _abort(self) -> None:
         """After a failure mid-step: unperturbed weights, no half-finished accumulation."""
         if self._perturbed is not None:
             self._restore(self._perturbed)
+        self._drop_accumulation()
+        self._ascent_sumsqs.clear()
+
+    def _drop_accumulation(self) -> None:
         for p in self._accum_params:
             self.state[p].pop("accum", None)
         self._reset_accumulation()
@@ -409,16 +487,45 @@ class SAM(Optimizer):
         self._accum_params: list[Tensor] = []
         self._accum_ids: set[int] = set()
 
-    def base_step(self):
-        """Run the base optimizer's step on the current gradients (weights must be unperturbed)."""
+    @property
+    def accumulating(self) -> bool:
+        """True while unperturb(accumulate_weight=...) has gathered gradients not yet loaded."""
+        return bool(self._accum_params)
+
+    def base_step(self, scaler=None):
+        """Run the base optimizer's step on the current gradients (weights must be unperturbed).
+
+        With a ``torch.amp.GradScaler`` the step goes through ``scaler.step`` (which unscales,
+        and skips the step on inf/nan); call ``scaler.update()`` afterwards as usual.
+        Without one, and with ``check_finite`` (the default), non-finite gradients in this
+        step raise FloatingPointError before the base step, leaving the weights unchanged.
+        """
         if self._perturbed is not None:
             raise RuntimeError("the weights are perturbed: call unperturb() before base_step()")
-        result = self._base.step()
+        ascent_sumsqs, self._ascent_sumsqs = self._ascent_sumsqs, []
+        if scaler is not None:
+            result = scaler.step(self._base)
+        else:
+            if self.check_finite:
+                self._raise_if_nonfinite(ascent_sumsqs)
+            result = self._base.step()
         self._remember_grads()
         # LR schedulers attached to SAM watch for SAM.step(); a step through
         # second_step()/train_step() is just as real (torch.optim.lr_scheduler reads this flag).
         self._opt_called = True
         return result
+
+    def _raise_if_nonfinite(self, ascent_sumsqs: list[Tensor]) -> None:
+        buckets = self._buckets(with_grad_only=True)
+        checks = list(ascent_sumsqs)
+        if buckets:
+            checks.append(_global_sum(buckets, [b.backend.sumsq(b.grads()) for b in buckets]))
+        if checks and not bool(torch.isfinite(torch.stack([c.to(checks[0].device) for c in checks])).all()):
+            raise FloatingPointError(
+                "fastsam.SAM: a gradient of this step is inf or nan, so the base step was not taken and the "
+                "weights are unchanged. Train with a torch.amp.GradScaler (train_step(..., scaler=...) or "
+                "base_step(scaler)) to skip such steps, or pass check_finite=False to SAM to let non-finite "
+                "values through as torch.optim does (that also saves this check's one host sync per step).")
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -436,7 +543,8 @@ class SAM(Optimizer):
         single-file SAM wrapper's convention: ``loss.backward(); optimizer.step(closure)``),
         they are the ascent gradients and the closure runs once, at the perturbed weights;
         the return value is then None. Otherwise (torch.optim's convention) the closure
-        runs twice and the loss at the unperturbed weights is returned.
+        runs twice and the loss at the unperturbed weights is returned. If the closure
+        raises at the perturbed weights, they are restored before the error propagates.
         """
         if closure is None:
             raise RuntimeError("SAM.step() needs a closure that recomputes the loss and gradients; "
@@ -460,7 +568,7 @@ class SAM(Optimizer):
                              for group in self.param_groups for p in group["params"] if p.grad is not None]
 
     def _has_fresh_grads(self) -> bool:
-        """Whether some .grad was written since step() last returned (not just left over from it)."""
+        """Whether some .grad was written since the last base step (not just left over from it)."""
         stale = {id(ref()): version for ref, version in self._stale_grads if ref() is not None}
         for group in self.param_groups:
             for p in group["params"]:
