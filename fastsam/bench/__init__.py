@@ -1,0 +1,6 @@
+"""fastsam.bench: throughput benchmarks of fastsam's ops and end-to-end training steps.
+
+``python -m fastsam.bench`` (or ``fastsam-bench``) is the command-line entry
+(fastsam.bench.cli); ``engine`` times things, ``workloads`` generates model shapes,
+``e2e`` builds small models, ``report`` prints tables and ``plot`` draws (matplotlib only).
+"""

@@ -1,0 +1,5 @@
+import sys
+
+from fastsam.bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,352 @@
+"""fastsam-bench / python -m fastsam.bench: throughput of fastsam's ops on real model shapes.
+
+The main job of the project. It discovers the backends through fastsam.ops (whatever is
+registered and can run on the device), times each op and each SAM sub-step on parameter
+shapes generated in code, and reports time, achieved bandwidth, % of a copy bandwidth
+measured in the same run, and speed-ups over the reference and foreach backends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from fastsam import ops
+from fastsam.bench import e2e as e2e_mod
+from fastsam.bench import engine, report
+from fastsam.bench import plot as plot_mod
+from fastsam.bench.env import environment, load_average
+from fastsam.bench.workloads import WORKLOADS, parse_workloads
+
+PROG = "fastsam-bench"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# On the CPU the reference backend (a per-tensor loop written for clarity) needs seconds
+# per op on 100M parameters; by default it is timed only on workloads up to this size there.
+CPU_REFERENCE_MAX_PARAMS = 30_000_000
+
+DESCRIPTION = """\
+Throughput of fastsam's SAM bookkeeping, per backend, on the parameter shapes of real models.
+
+What is measured (ops mode, the default): for each workload and each backend, the six ops
+of the backend contract (sumsq, perturb_, restore_, gsam_reduce, gsam_combine_,
+accumulate_), a SAM sub-step (sumsq + perturb_ + restore_) and a GSAM sub-step (+ the
+ascent copy, gsam_reduce, gsam_combine_). Each is warmed up, then timed call by call
+(CUDA events on a GPU, with the L2 cache flushed before each call; perf_counter on the CPU);
+the table shows the median and the spread (p80 - p20) / median. Bandwidth counts only the
+bytes that must move (a SAM sub-step: 28N bytes for N fp32 parameters) and is shown as a %
+of a large device-to-device copy measured in the same run. Speed-ups are over the
+'reference' and 'foreach' backends.
+
+End-to-end mode (--e2e): training steps per second of a small ResNet and a small ViT
+(built in code, random CIFAR-shaped data) with the base optimizer alone and with
+fastsam.SAM on each backend, perturbation sub-batches of 64 and of the whole batch, and the
+share of step time spent outside forward/backward.
+
+Defaults: CUDA if available, else CPU; every available backend (on the CPU, triton's
+interpreter mode is left out unless named); workloads resnet50, vit_b16, gpt2, tiny; fp32.
+On the CPU the reference backend is timed only on workloads up to 30M parameters unless
+--full is given; a default CPU run takes a few minutes on 2 quiet cores (the big
+workloads alone allocate 1-3 GB each).
+"""
+
+EPILOG = """\
+examples:
+  python -m fastsam.bench                                  # everything available, best device
+  python -m fastsam.bench --device cpu --workloads resnet50,tiny --json r.json --csv r.csv --plot r.png
+  python -m fastsam.bench --quick --workloads mini         # smoke run, seconds
+  python -m fastsam.bench --e2e --json e2e.json --plot e2e.png
+  python -m fastsam.bench.report r.json                    # print a saved run again
+  python -m fastsam.bench.plot r.json r.png                # plot a saved run again
+--csv appends rows to an existing file with the same columns (like Liger-Kernel's benchmark CSVs).
+"""
+
+
+class UsageError(Exception):
+    """A bad command line: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--backends", help="comma-separated backend names (default: every available one)")
+    p.add_argument("--workloads", help=f"comma-separated, from {', '.join(WORKLOADS)}; 'all' = the defaults")
+    p.add_argument("--items", help=f"comma-separated, from {', '.join(engine.ITEMS)} (default: all)")
+    p.add_argument("--dtype", default="fp32", help="fp32 (default) or bf16")
+    p.add_argument("--quick", action="store_true", help="few repetitions, for smoke runs (numbers are rough)")
+    p.add_argument("--full", action="store_true",
+                   help="on the CPU, time the reference backend on every workload (slow: minutes for gpt2)")
+    p.add_argument("--e2e", action="store_true", help="end-to-end training steps instead of the ops")
+    p.add_argument("--models", help=f"--e2e models, comma-separated from {', '.join(e2e_mod.MODELS)} (default: all)")
+    p.add_argument("--json", metavar="FILE", help="write the results (with machine, versions, date) as JSON")
+    p.add_argument("--csv", metavar="FILE", help="append one row per measurement (with machine, versions, date)")
+    p.add_argument("--plot", metavar="FILE", help="draw a PNG (needs matplotlib: pip install 'fastsam[plot]')")
+    p.add_argument("--list", action="store_true", help="list workloads, items and backends, then exit")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+# -- validating the command line ---------------------------------------------------------------
+
+def resolve_device(spec: Optional[str]) -> torch.device:
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"unknown device {spec!r}; choose cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device {spec!r}; choose cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {spec!r} requested but CUDA is not available here "
+                             f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"device {spec!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
+def _split(spec: str) -> list[str]:
+    return [s.strip() for s in spec.split(",") if s.strip()]
+
+
+def select_backends(spec: Optional[str], device: torch.device, dtype: torch.dtype) -> tuple[dict, list[str]]:
+    """{name: Backend} to time, and notes on the backends left out by default."""
+    notes = []
+    if spec is None:
+        names = ops.available_backends(device)
+        if device.type == "cpu" and "triton" in names:
+            names.remove("triton")
+            notes.append("triton left out: on the CPU it runs only in the interpreter (TRITON_INTERPRET=1), "
+                         "which is for tests, not timing; name it in --backends to time it anyway")
+    else:
+        names = _split(spec)
+        if not names:
+            raise UsageError("--backends is empty")
+        unknown = [n for n in names if n not in ops.backend_names()]
+        if unknown:
+            raise UsageError(f"unknown backend {', '.join(map(repr, unknown))}; registered backends: "
+                             f"{', '.join(ops.backend_names())}")
+    chosen = {}
+    for name in dict.fromkeys(names):
+        try:
+            backend = ops.get_backend(name, device)
+        except ops.BackendUnavailableError as exc:
+            raise UsageError(str(exc)) from None
+        supported = getattr(backend, "dtypes", None)
+        if supported is not None and dtype not in supported:
+            if spec is not None:
+                raise UsageError(f"backend {name!r} does not support {dtype} tensors")
+            notes.append(f"{name} left out: it does not support {dtype} tensors")
+            continue
+        chosen[name] = backend
+    if not chosen:
+        raise UsageError(f"no backend to time on {device} for {dtype}")
+    # reference and foreach first: they are what the others are compared with.
+    order = sorted(chosen, key=lambda n: (n not in ("reference", "foreach"), n != "reference"))
+    return {n: chosen[n] for n in order}, notes
+
+
+def _check_output(path: Optional[str], option: str) -> None:
+    if path is None:
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{option} {path}: folder {parent} does not exist")
+
+
+# -- writing results --------------------------------------------------------------------------
+
+def _clean(value):
+    """JSON without NaN/inf (strict parsers reject them): those become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+ENV_COLUMNS = ("date", "device_name", "driver", "torch", "triton", "fastsam", "git_commit", "load_average")
+
+
+def write_csv(path: str, result: dict) -> None:
+    env = result["environment"]
+    prefix = {k: env.get(k) for k in ENV_COLUMNS}
+    prefix["load_average"] = "/".join(map(str, env["load_average"])) if env.get("load_average") else None
+    prefix["mode"] = result["kind"] + (" quick" if result["settings"].get("quick") else "")
+    rows = [{**prefix, **_clean(r)} for r in result["results"]]
+    columns = list(rows[0]) if rows else list(prefix)
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, newline="", encoding="utf-8") as f:
+            existing = next(csv.reader(f), [])
+        if existing != columns:
+            raise UsageError(f"--csv {path} exists with other columns (a different mode or version); "
+                             "choose another file")
+        mode = "a"
+    else:
+        mode = "w"
+    with open(path, mode, newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        if mode == "w":
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+class Progress:
+    """'[k/n] message (elapsed)' lines on stderr, so a long run shows it is alive."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.total, self.quiet, self.done, self.started = total, quiet, 0, time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        self.done += 1
+        if not self.quiet:
+            elapsed = time.perf_counter() - self.started
+            print(f"[{self.done:3d}/{self.total}] {message}  ({elapsed:.0f} s)", file=sys.stderr, flush=True)
+
+    def note(self, message: str) -> None:
+        if not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+
+# -- the two modes ----------------------------------------------------------------------------
+
+def run_ops(args, device: torch.device, dtype: torch.dtype, backends: dict, notes: list) -> dict:
+    try:
+        workloads = parse_workloads(args.workloads)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    items = list(engine.ITEMS)
+    if args.items:
+        items = _split(args.items)
+        unknown = [i for i in items if i not in engine.ITEMS]
+        if unknown or not items:
+            raise UsageError(f"unknown item {', '.join(map(repr, unknown)) or repr(args.items)}; "
+                             f"choose from {', '.join(engine.ITEMS)}")
+    plan = []
+    for w in workloads:
+        names = list(backends)
+        if (device.type == "cpu" and not args.full and "reference" in names
+                and WORKLOADS[w].numel > CPU_REFERENCE_MAX_PARAMS):
+            names.remove("reference")
+            notes.append(f"reference not timed on {w} ({WORKLOADS[w].numel / 1e6:.0f}M parameters) on the CPU; "
+                         "--full times it (slow)")
+        plan.append((w, {n: backends[n] for n in names}))
+    env = environment(device)
+    timer = engine.Timer(device, quick=args.quick)
+    progress = Progress(sum(len(b) for _, b in plan) * len(items), args.quiet)
+    progress.note(f"{PROG}: {env['device_name']}, {args.dtype}, backends {', '.join(backends)}, "
+                  f"workloads {', '.join(workloads)}; measuring copy bandwidth")
+    copy = timer.copy_bandwidth()
+    progress.note(f"copy bandwidth: {copy['GBps']:.1f} GB/s")
+    rows = []
+    for w, wb in plan:
+        rows += engine.run_workload(timer, WORKLOADS[w], wb, items, dtype, copy["GBps"], progress)
+    engine.add_speedups(rows)
+    env["load_average_end"] = load_average()
+    return {"fastsam_bench": 1, "kind": "ops", "environment": env,
+            "settings": {"dtype": args.dtype, "quick": args.quick, "full": args.full, "workloads": workloads,
+                         "items": items, "backends": list(backends), "timer": dataclasses.asdict(timer.settings)},
+            "copy_bandwidth": copy, "results": rows, "notes": notes}
+
+
+def run_e2e(args, device: torch.device, dtype: torch.dtype, backends: dict, notes: list) -> dict:
+    models = list(e2e_mod.MODELS)
+    if args.models:
+        models = _split(args.models)
+        unknown = [m for m in models if m not in e2e_mod.MODELS]
+        if unknown or not models:
+            raise UsageError(f"unknown model {', '.join(map(repr, unknown)) or repr(args.models)}; "
+                             f"choose from {', '.join(e2e_mod.MODELS)}")
+    settings = e2e_mod.E2ESettings.for_device(device, args.quick)
+    micro = len({min(e2e_mod.MICRO_BATCH, settings.batch), settings.batch})
+    env = environment(device)
+    progress = Progress(len(models) * (1 + micro * len(backends)), args.quiet)
+    progress.note(f"{PROG} --e2e: {env['device_name']}, {args.dtype}, batch {settings.batch} of "
+                  f"{settings.image} px images, backends {', '.join(backends)}")
+    rows = []
+    for m in models:
+        rows += e2e_mod.run_model(e2e_mod.MODELS[m], list(backends), device, dtype, settings, progress)
+    env["load_average_end"] = load_average()
+    return {"fastsam_bench": 1, "kind": "e2e", "environment": env,
+            "settings": {"dtype": args.dtype, "quick": args.quick, "models": models, "backends": list(backends),
+                         **dataclasses.asdict(settings)},
+            "results": rows, "notes": notes}
+
+
+def list_everything() -> str:
+    lines = ["workloads:"]
+    lines += [f"  {w.name:9s} {w.description}{'' if w.default else '  (not in the default set)'}"
+              for w in WORKLOADS.values()]
+    lines += ["items:"] + [f"  {i.name:14s} {i.description} ({i.units} x N x element size bytes)"
+                           for i in engine.ITEMS.values()]
+    lines += ["e2e models: " + ", ".join(e2e_mod.MODELS), "backends:"]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for name in ops.backend_names():
+        where = []
+        for d in devices:
+            try:
+                ops.get_backend(name, d)
+                where.append(f"{d}: available")
+            except ops.BackendUnavailableError as exc:
+                where.append(f"{d}: unavailable ({exc})")
+            except Exception as exc:  # a backend that fails to load is reported, not fatal here
+                where.append(f"{d}: fails to load ({type(exc).__name__}: {exc})")
+        lines.append(f"  {name:10s} " + "; ".join(where))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Run the benchmark; 0 on success, 1 if a measurement failed (still reported), 2 on bad usage."""
+    try:
+        args = build_parser().parse_args(argv)
+        if args.list:
+            print(list_everything())
+            return 0
+        device = resolve_device(args.device)
+        if args.dtype not in DTYPES:
+            raise UsageError(f"unknown dtype {args.dtype!r}; choose {' or '.join(DTYPES)}")
+        dtype = DTYPES[args.dtype]
+        if args.e2e and (args.workloads or args.items or args.full):
+            raise UsageError("--workloads, --items and --full belong to the ops mode, not --e2e (use --models)")
+        if args.models and not args.e2e:
+            raise UsageError("--models belongs to --e2e")
+        for path, option in ((args.json, "--json"), (args.csv, "--csv"), (args.plot, "--plot")):
+            _check_output(path, option)
+        if args.plot:
+            plot_mod.require_matplotlib()  # fail now, not after a long run
+        backends, notes = select_backends(args.backends, device, dtype)
+        result = (run_e2e if args.e2e else run_ops)(args, device, dtype, backends, notes)
+        print(report.format_result(result), flush=True)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(_clean(result), f, indent=1)
+                f.write("\n")
+        if args.csv:
+            write_csv(args.csv, result)
+        if args.plot:
+            plot_mod.plot(result, args.plot)
+    except (UsageError, plot_mod.PlotUnavailableError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    failed = [r for r in result["results"] if r.get("error")]
+    if failed:
+        print(f"{PROG}: {len(failed)} measurement(s) failed (see FAILED above)", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,331 @@
+"""The timing engine shared by the CLI (fastsam.bench.cli) and the pytest-benchmark suite.
+
+How a number is made (in the spirit of triton.testing.do_bench, written for CPU and CUDA):
+warm up (at least ``warmup_calls`` calls and ``warmup_s`` seconds, each call synchronised,
+which also estimates one call's time), choose the repetitions that fill ``budget_s``
+(clamped to ``[min_reps, max_reps]``), then time every repetition on its own: CUDA events
+around each call on the GPU, with the L2 cache overwritten before each one (not timed), or
+``time.perf_counter`` on the CPU, whose ops are synchronous. Report the median and the 20th
+and 80th percentiles. Achieved bandwidth counts only the bytes a SAM sub-step must move
+(DESIGN.md: 28N bytes per fp32 sub-step) and is compared with a large device-to-device copy
+measured by the same engine, on the same device, in the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import time
+from typing import Callable, Optional
+
+import torch
+
+from fastsam.bench.workloads import TensorSet
+
+# -- what is measured, and how many bytes it must move ---------------------------------------
+# Bytes per parameter, in units of the tensors' element size (4 for fp32, 2 for bf16): every
+# operand read once and every result written once, nothing else (DESIGN.md, "The floor").
+#   sumsq         reads g                                          1
+#   perturb_      reads w, g; writes w, backup                     4
+#   restore_      reads backup; writes w                           2
+#   gsam_reduce   reads g_asc, g_p                                 2
+#   gsam_combine_ reads g_p, g_asc; writes g_p                     3
+#   accumulate_   reads accum, g; writes accum (init=False)        3
+# A SAM sub-step is sumsq + perturb_ + restore_: 1 + 4 + 2 = 7 -> 28N bytes in fp32. A GSAM
+# sub-step also writes the ascent copy in perturb_ (+1) and runs gsam_reduce and
+# gsam_combine_ (+5): 13 -> 52N bytes, i.e. GSAM adds 24N (DESIGN.md: "~28N").
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    name: str
+    units: int  # bytes per parameter / element size
+    description: str
+
+
+ITEMS: dict[str, Item] = {i.name: i for i in (
+    Item("sumsq", 1, "global sum of squares of g"),
+    Item("perturb_", 4, "backup <- w; w <- w + rho g/||g||"),
+    Item("restore_", 2, "w <- backup"),
+    Item("gsam_reduce", 2, "<g_asc, g_p> and ||g_p||^2"),
+    Item("gsam_combine_", 3, "g_p <- g_p - alpha g_perp"),
+    Item("accumulate_", 3, "accum <- accum + s g"),
+    Item("sam_substep", 7, "SAM sub-step: sumsq + perturb_ + restore_"),
+    Item("gsam_substep", 13, "GSAM sub-step: sumsq + perturb_(ascent) + restore_ + gsam_reduce + gsam_combine_"),
+)}
+OP_ITEMS = ("sumsq", "perturb_", "restore_", "gsam_reduce", "gsam_combine_", "accumulate_")
+STEP_ITEMS = ("sam_substep", "gsam_substep")
+RHO, ALPHA, ACCUM_SCALE = 0.05, 0.1, 0.25
+
+
+def bytes_moved(item: str, numel: int, element_size: int) -> int:
+    """Bytes ``item`` must move for ``numel`` parameters of ``element_size`` bytes (the floor)."""
+    return ITEMS[item].units * numel * element_size
+
+
+def make_call(item: str, backend, ts: TensorSet) -> Callable[[], object]:
+    """A no-argument function that runs ``item`` once with ``backend`` on the buffers of ``ts``.
+
+    Repeating a call is safe: perturb_ and accumulate_ on their own drift the values by a
+    small amount per call, gsam_combine_ by alpha times the ascent gradient; nothing
+    overflows in thousands of calls. Scalars (sumsq, GSAM statistics) that a timed op
+    consumes are computed once, before timing, by the same backend.
+    """
+    b, w, g, bk, asc, acc = backend, ts.params, ts.grads, ts.backups, ts.ascent, ts.accum
+    if item == "sumsq":
+        return lambda: b.sumsq(g)
+    if item == "perturb_":
+        s = b.sumsq(g)
+        return lambda: b.perturb_(w, g, bk, s, RHO)
+    if item == "restore_":
+        return lambda: b.restore_(w, bk)
+    if item == "gsam_reduce":
+        return lambda: b.gsam_reduce(asc, g)
+    if item == "gsam_combine_":
+        stats = b.gsam_reduce(asc, g)
+        return lambda: b.gsam_combine_(g, asc, stats, ALPHA)
+    if item == "accumulate_":
+        return lambda: b.accumulate_(acc, g, ACCUM_SCALE, init=False)
+    if item == "sam_substep":
+        def sam_substep():
+            s = b.sumsq(g)
+            b.perturb_(w, g, bk, s, RHO)
+            b.restore_(w, bk)
+        return sam_substep
+    if item == "gsam_substep":
+        def gsam_substep():
+            s = b.sumsq(g)
+            b.perturb_(w, g, bk, s, RHO, ascent=asc)
+            b.restore_(w, bk)
+            stats = b.gsam_reduce(asc, g)
+            b.gsam_combine_(g, asc, stats, ALPHA)
+        return gsam_substep
+    raise ValueError(f"unknown item {item!r}; choose from {', '.join(ITEMS)}")
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How long to warm up and how many repetitions to time."""
+
+    warmup_calls: int
+    warmup_s: float
+    budget_s: float
+    min_reps: int
+    max_reps: int
+    flush_mib: int  # L2 flush buffer written before each timed call (0 = none)
+    copy_mib: int  # size of each buffer of the copy-bandwidth measurement
+
+    @staticmethod
+    def for_device(device: torch.device, quick: bool = False) -> "Settings":
+        if device.type == "cuda":
+            if quick:
+                return Settings(2, 0.005, 0.02, 5, 100, 256, 256)
+            return Settings(3, 0.025, 0.1, 10, 1000, 256, 1024)
+        # CPU: ops on 100M parameters take seconds here, so few repetitions (never fewer
+        # than 3, for a median and a spread) and no cache flush (a few MiB of flush cannot
+        # empty a server CPU's caches; see benchmarks/README.md on the tiny workload).
+        if quick:
+            return Settings(1, 0.0, 0.02, 2, 20, 0, 64)
+        return Settings(1, 0.05, 0.3, 3, 200, 0, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Times of the repetitions of one measurement, in milliseconds."""
+
+    times_ms: tuple
+
+    @property
+    def reps(self) -> int:
+        return len(self.times_ms)
+
+    def quantile(self, q: float) -> float:
+        return quantile(self.times_ms, q)
+
+    @property
+    def median_ms(self) -> float:
+        return self.quantile(0.5)
+
+    @property
+    def p20_ms(self) -> float:
+        return self.quantile(0.2)
+
+    @property
+    def p80_ms(self) -> float:
+        return self.quantile(0.8)
+
+    @property
+    def min_ms(self) -> float:
+        return min(self.times_ms)
+
+    @property
+    def spread_pct(self) -> float:
+        """(p80 - p20) / median, in percent: how much the repetitions disagree."""
+        median = self.median_ms
+        return 100.0 * (self.p80_ms - self.p20_ms) / median if median > 0 else float("nan")
+
+    def summary(self) -> dict:
+        return {"median_ms": self.median_ms, "p20_ms": self.p20_ms, "p80_ms": self.p80_ms,
+                "min_ms": self.min_ms, "reps": self.reps, "spread_pct": self.spread_pct}
+
+
+def quantile(values, q: float) -> float:
+    """The q-quantile of ``values`` with linear interpolation (numpy's default method)."""
+    data = sorted(values)
+    if not data:
+        raise ValueError("quantile of no values")
+    pos = q * (len(data) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+class Timer:
+    """Times no-argument functions on one device (see the module docstring)."""
+
+    def __init__(self, device, settings: Optional[Settings] = None, quick: bool = False):
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.settings = settings or Settings.for_device(self.device, quick)
+        self._flush = None
+        if self.device.type == "cuda" and self.settings.flush_mib:
+            self._flush = torch.empty(self.settings.flush_mib << 20, dtype=torch.uint8, device=self.device)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _synced_call_s(self, fn) -> float:
+        start = time.perf_counter()
+        fn()
+        self.sync()
+        return time.perf_counter() - start
+
+    def calibrate(self, fn: Callable[[], object]) -> tuple[int, float]:
+        """Warm ``fn`` up; return (repetitions to time, estimated seconds per call)."""
+        s = self.settings
+        self.sync()
+        times = []
+        started = time.perf_counter()
+        while len(times) < s.warmup_calls or time.perf_counter() - started < s.warmup_s:
+            times.append(self._synced_call_s(fn))
+            if len(times) >= 1000:
+                break
+        # The last warm-up calls are the closest to the steady state.
+        estimate = quantile(times[-max(1, len(times) // 2):], 0.5)
+        reps = int(s.budget_s / estimate) if estimate > 0 else s.max_reps
+        return max(s.min_reps, min(s.max_reps, reps)), estimate
+
+    def measure(self, fn: Callable[[], object], reps: Optional[int] = None) -> Timing:
+        """Warm up (unless ``reps`` is given), then time ``reps`` calls one by one."""
+        if reps is None:
+            reps, _ = self.calibrate(fn)
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            if self.device.type == "cuda":
+                times = self._time_cuda(fn, reps)
+            else:
+                times = self._time_host(fn, reps)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+        return Timing(tuple(times))
+
+    def _time_cuda(self, fn, reps: int) -> list[float]:
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        self.sync()
+        for start, end in zip(starts, ends):
+            if self._flush is not None:
+                self._flush.zero_()
+            start.record()
+            fn()
+            end.record()
+        self.sync()
+        return [start.elapsed_time(end) for start, end in zip(starts, ends)]
+
+    def _time_host(self, fn, reps: int) -> list[float]:
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return times
+
+    def copy_bandwidth(self) -> dict:
+        """Bandwidth of a large copy on this device: (bytes read + bytes written) / median time."""
+        n = (self.settings.copy_mib << 20) // 4
+        src = torch.ones(n, dtype=torch.float32, device=self.device)
+        dst = torch.zeros_like(src)
+        timing = self.measure(lambda: dst.copy_(src))
+        moved = 2 * src.numel() * src.element_size()
+        del src, dst
+        return {"bytes": moved, "GBps": gbps(moved, timing.median_ms), **timing.summary()}
+
+
+def gbps(nbytes: int, ms: float) -> float:
+    """Bytes over milliseconds, in GB/s (10^9 bytes per second)."""
+    return nbytes / (ms * 1e-3) / 1e9 if ms > 0 else float("nan")
+
+
+# -- one workload, every backend ---------------------------------------------------------------
+
+TIMING_KEYS = ("median_ms", "p20_ms", "p80_ms", "min_ms", "reps", "spread_pct")
+
+
+def derive(row: dict, copy_gbps: float) -> dict:
+    """Add achieved bandwidth and % of the copy bandwidth to a row with 'bytes' and 'median_ms'."""
+    if row.get("median_ms") is None:
+        row["GBps"] = row["pct_copy_bw"] = None
+        return row
+    row["GBps"] = gbps(row["bytes"], row["median_ms"])
+    row["pct_copy_bw"] = 100.0 * row["GBps"] / copy_gbps if copy_gbps > 0 else float("nan")
+    return row
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """speedup_vs_<base> = median of <base> / median of the row, for the same workload and item."""
+    medians = {(r["workload"], r["item"], r["backend"]): r["median_ms"] for r in rows}
+    for r in rows:
+        for base in ("reference", "foreach"):
+            other = medians.get((r["workload"], r["item"], base))
+            mine = r["median_ms"]
+            r[f"speedup_vs_{base}"] = other / mine if other and mine else None
+
+
+def run_workload(timer: Timer, workload, backends: dict, items, dtype: torch.dtype, copy_gbps: float,
+                 progress: Optional[Callable[[str], None]] = None) -> list[dict]:
+    """Measure every item with every backend on one workload; rows in backend-major order.
+
+    A backend that raises does not end the run: its row carries ``error`` and no timing,
+    so that one broken kernel cannot lose the other backends' numbers.
+    """
+    ts = TensorSet(workload, timer.device, dtype)
+    rows = []
+    for backend_name, backend in backends.items():
+        for item in items:
+            row = {"workload": workload.name, "backend": backend_name, "item": item,
+                   "dtype": str(dtype).replace("torch.", ""), "numel": ts.numel,
+                   "tensors": len(ts.params), "bytes": bytes_moved(item, ts.numel, ts.element_size)}
+            try:
+                row.update(timer.measure(make_call(item, backend, ts)).summary())
+                row["error"] = None
+            except Exception as exc:  # recorded in the row; the caller decides the exit status
+                row.update({key: None for key in TIMING_KEYS})
+                row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            rows.append(derive(row, copy_gbps))
+            if progress is not None:
+                if row["error"]:
+                    progress(f"{workload.name:9s} {backend_name:10s} {item:14s} FAILED: {row['error']}")
+                else:
+                    progress(f"{workload.name:9s} {backend_name:10s} {item:14s} {row['median_ms']:10.3f} ms "
+                             f"({row['pct_copy_bw']:5.1f}% of copy bw, {row['reps']} reps)")
+    del ts
+    if timer.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
