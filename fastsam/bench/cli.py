@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", help=f"comma-separated, from {', '.join(WORKLOADS)}; 'all' = the defaults")
     p.add_argument("--items", help=f"comma-separated, from {', '.join(engine.ITEMS)} (default: all)")
     p.add_argument("--dtype", default="fp32", help="fp32 (default) or bf16")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch (torch.set_num_threads; default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="few repetitions, for smoke runs (numbers are rough)")
     p.add_argument("--full", action="store_true",
                    help="on the CPU, time the reference backend on every workload (slow: minutes for gpt2)")
@@ -323,6 +325,10 @@ def main(argv=None) -> int:
         if args.dtype not in DTYPES:
             raise UsageError(f"unknown dtype {args.dtype!r}; choose {' or '.join(DTYPES)}")
         dtype = DTYPES[args.dtype]
+        if args.threads is not None:
+            if args.threads < 1:
+                raise UsageError(f"--threads must be >= 1; got {args.threads}")
+            torch.set_num_threads(args.threads)
         if args.e2e and (args.workloads or args.items or args.full):
             raise UsageError("--workloads, --items and --full belong to the ops mode, not --e2e (use --models)")
         if args.models and not args.e2e:

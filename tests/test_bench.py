@@ -1,0 +1,221 @@
+"""Fast checks of the benchmark CLI (fastsam.bench): outputs, errors and byte accounting.
+
+These run the CLI on a toy workload in quick mode; they check that the numbers are made
+and written correctly, never how fast anything is (speed claims come only from the CLI
+and the pytest-benchmark suite on a quiet machine).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+
+import pytest
+import torch
+
+from fastsam import ops
+from fastsam.bench import cli, engine, workloads
+from fastsam.bench.engine import ITEMS, OP_ITEMS, Timer, bytes_moved, quantile
+
+QUICK = ["--device", "cpu", "--workloads", "mini", "--quick", "--quiet"]
+
+
+def _default_cpu_backends() -> list[str]:
+    return [b for b in ops.available_backends("cpu") if b != "triton"]
+
+
+def test_quick_run_writes_table_json_csv_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out_json, out_csv, out_png = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
+    rc = cli.main(QUICK + ["--json", str(out_json), "--csv", str(out_csv), "--plot", str(out_png)])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "SAM sub-step" in table and "copy bandwidth" in table
+
+    result = json.loads(out_json.read_text())
+    env = result["environment"]
+    for key in ("device_name", "torch", "triton", "date", "load_average"):
+        assert key in env
+    assert env["torch"] == torch.__version__
+    backends = _default_cpu_backends()
+    assert result["settings"]["backends"][:2] == ["reference", "foreach"]
+    assert sorted(result["settings"]["backends"]) == sorted(backends)
+    rows = result["results"]
+    assert {(r["backend"], r["item"]) for r in rows} == {(b, i) for b in backends for i in ITEMS}
+    copy_gbps = result["copy_bandwidth"]["GBps"]
+    assert copy_gbps > 0
+    n = workloads.WORKLOADS["mini"].numel
+    for r in rows:
+        assert r["error"] is None
+        assert r["numel"] == n and r["tensors"] == 8
+        assert r["bytes"] == ITEMS[r["item"]].units * 4 * n
+        assert r["reps"] >= 2 and 0 < r["min_ms"] <= r["median_ms"]
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert math.isclose(r["GBps"], r["bytes"] / (r["median_ms"] * 1e-3) / 1e9, rel_tol=1e-9)
+        assert math.isclose(r["pct_copy_bw"], 100 * r["GBps"] / copy_gbps, rel_tol=1e-9)
+        if r["backend"] == "reference":
+            assert r["speedup_vs_reference"] == 1.0
+        ref = next(x for x in rows if x["item"] == r["item"] and x["backend"] == "reference")
+        assert math.isclose(r["speedup_vs_reference"], ref["median_ms"] / r["median_ms"], rel_tol=1e-9)
+
+    with open(out_csv, newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows)
+    assert all(row["device_name"] == env["device_name"] and row["torch"] == torch.__version__ for row in csv_rows)
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --csv appends rows to a file with the same columns.
+    assert cli.main(QUICK + ["--items", "sumsq", "--backends", "foreach", "--csv", str(out_csv)]) == 0
+    with open(out_csv, newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(rows) + 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--workloads", "resnet5"], "unknown workload 'resnet5'"),
+    (["--backends", "foreach,nope"], "unknown backend 'nope'"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--dtype", "fp8"], "unknown dtype 'fp8'"),
+    (["--items", "sumsq,norm"], "unknown item 'norm'"),
+    (["--bogus-option"], "unrecognized arguments"),
+    (["--e2e", "--workloads", "gpt2"], "belong to the ops mode"),
+    (["--json", "/nonexistent-dir/r.json"], "does not exist"),
+    (["--models", "resnet"], "--models belongs to --e2e"),
+])
+def test_bad_command_lines_exit_2_with_one_line(argv, message, capsys):
+    started = time.perf_counter()
+    assert cli.main(QUICK + argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastsam-bench: error: ") and message in err
+    assert err.count("\n") == 1
+    assert time.perf_counter() - started < 5  # refused before measuring anything
+
+
+def test_unknown_e2e_model_exits_2(capsys):
+    assert cli.main(["--device", "cpu", "--e2e", "--models", "resnet,gpt4"]) == 2
+    assert "unknown model 'gpt4'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_is_a_clear_error(capsys):
+    assert cli.main(["--device", "cuda", "--quick"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_unavailable_backend_is_a_clear_error(monkeypatch, capsys):
+    reference = ops.get_backend("reference", "cpu")
+    broken = ops.Backend(**{**{f: getattr(reference, f) for f in ("sumsq", "perturb_", "restore_", "gsam_reduce",
+                                                                    "gsam_combine_", "accumulate_")},
+                            "name": "fake", "unavailable_reason": lambda device: "it was never built"})
+    monkeypatch.setitem(ops._REGISTRY, "fake", broken)
+    assert cli.main(QUICK + ["--backends", "fake"]) == 2
+    err = capsys.readouterr().err
+    assert "'fake'" in err and "it was never built" in err and err.count("\n") == 1
+
+
+def test_missing_matplotlib_is_a_clear_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert cli.main(QUICK + ["--plot", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "pip install" in err and err.count("\n") == 1
+
+
+def test_a_failing_backend_is_recorded_and_the_others_still_run(monkeypatch, tmp_path, capsys):
+    foreach = ops.get_backend("foreach", "cpu")
+
+    def broken_perturb(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setitem(ops._REGISTRY, "flaky", ops.Backend(**{
+        **{f: getattr(foreach, f) for f in ("sumsq", "restore_", "gsam_reduce", "gsam_combine_", "accumulate_")},
+        "perturb_": broken_perturb, "name": "flaky", "unavailable_reason": lambda device: None}))
+    out = tmp_path / "r.json"
+    assert cli.main(QUICK + ["--backends", "foreach,flaky", "--json", str(out)]) == 1
+    rows = json.loads(out.read_text())["results"]
+    failed = {r["item"] for r in rows if r["error"]}
+    assert failed == {"perturb_", "sam_substep", "gsam_substep"}
+    assert all("kernel exploded" in r["error"] for r in rows if r["error"])
+    assert all(r["median_ms"] > 0 for r in rows if not r["error"])
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_bytes_follow_the_design_floor():
+    """DESIGN.md: sumsq 4N + perturb_ 16N + restore_ 8N = 28N bytes per fp32 SAM sub-step."""
+    n = 278_011
+    assert bytes_moved("sumsq", n, 4) == 4 * n
+    assert bytes_moved("perturb_", n, 4) == 16 * n
+    assert bytes_moved("restore_", n, 4) == 8 * n
+    assert bytes_moved("sam_substep", n, 4) == 28 * n
+    assert bytes_moved("sam_substep", n, 2) == 14 * n  # bf16
+    assert bytes_moved("gsam_substep", n, 4) - bytes_moved("sam_substep", n, 4) == 24 * n  # "GSAM adds ~28N"
+    parts = ("sumsq", "perturb_", "restore_")
+    assert sum(bytes_moved(p, n, 4) for p in parts) == bytes_moved("sam_substep", n, 4)
+    assert set(OP_ITEMS) == set(ops.OP_NAMES)
+
+
+def test_workload_shapes_match_the_published_parameter_counts():
+    expected = {"resnet50": (161, 25_557_032), "vit_b16": (152, 86_567_656), "gpt2": (148, 124_439_808)}
+    for name, (tensors, params) in expected.items():
+        w = workloads.WORKLOADS[name]
+        assert (w.num_tensors, w.numel) == (tensors, params), name
+    assert workloads.WORKLOADS["tiny"].num_tensors >= 4096
+    assert workloads.parse_workloads(None) == ["resnet50", "vit_b16", "gpt2", "tiny"]
+
+
+def test_timer_measures_what_it_times():
+    s = engine.Settings(warmup_calls=1, warmup_s=0.0, budget_s=0.02, min_reps=3, max_reps=5, flush_mib=0, copy_mib=1)
+    timing = Timer("cpu", settings=s).measure(lambda: time.sleep(0.004))
+    assert 3 <= timing.reps <= 5
+    assert 4.0 <= timing.min_ms <= timing.median_ms < 200.0
+    assert quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.2) == pytest.approx(1.8)
+    assert quantile([3.0, 1.0, 2.0], 0.5) == 2.0
+
+
+def test_each_timed_item_changes_what_it_should():
+    """make_call runs the real op: a sub-step restores the weights bit for bit, perturb_ moves them."""
+    ts = workloads.TensorSet(workloads.WORKLOADS["mini"], "cpu", torch.float32)
+    backend = ops.get_backend("foreach", "cpu")
+    before = [p.clone() for p in ts.params]
+    engine.make_call("perturb_", backend, ts)()
+    assert all(torch.equal(b, w) for b, w in zip(before, ts.backups))
+    assert not all(torch.equal(b, w) for b, w in zip(before, ts.params))
+    engine.make_call("restore_", backend, ts)()
+    engine.make_call("sam_substep", backend, ts)()
+    assert all(torch.equal(b, w) for b, w in zip(before, ts.params))
+    total = engine.make_call("sumsq", backend, ts)()
+    assert torch.allclose(total, sum(g.double().square().sum() for g in ts.grads).float(), rtol=1e-5)
+
+
+def test_end_to_end_rows_for_base_and_each_backend(monkeypatch, tmp_path):
+    from fastsam.bench import e2e, report
+
+    monkeypatch.setattr(e2e, "MICRO_BATCH", 8)
+    settings = e2e.E2ESettings(batch=16, image=8, warmup_steps=1, steps=2)
+    backends = ["reference", "foreach"]
+    rows = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops on a busy 2-core machine: 2 threads wait on each other (measured 10x)
+    try:
+        for name in ("resnet", "vit"):
+            rows += e2e.run_model(e2e.MODELS[name], backends, torch.device("cpu"), torch.float32, settings)
+    finally:
+        torch.set_num_threads(threads)
+    expected = []
+    for m in ("resnet", "vit"):
+        expected += [(m, "base", "-", 16)] + [(m, "sam", b, mb) for mb in (8, 16) for b in backends]
+    assert [(r["model"], r["optimizer"], r["backend"], r["micro_batch"]) for r in rows] == expected
+    for r in rows:
+        assert r["error"] is None and r["reps"] == 2
+        assert r["steps_per_s"] == pytest.approx(1e3 / r["median_ms"])
+        assert r["fwd_bwd_ms"] > 0 and 0.0 <= r["outside_fwd_bwd_pct"] < 100.0
+    assert [r["time_vs_base"] for r in rows if r["optimizer"] == "base"] == [1.0, 1.0]
+    result = {"kind": "e2e", "environment": {"device_name": "cpu", "torch": torch.__version__, "triton": None,
+                                             "date": "2026-01-01T00:00:00"},
+              "settings": {"dtype": "fp32"}, "results": rows}
+    assert "SAM foreach" in report.format_result(result)
+    pytest.importorskip("matplotlib")
+    from fastsam.bench import plot
+    plot.plot(result, str(tmp_path / "e2e.png"))
+    assert (tmp_path / "e2e.png").read_bytes()[:4] == b"\x89PNG"
