@@ -138,6 +138,35 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
 
+def make_data(settings: E2ESettings, device, dtype) -> tuple:
+    """Seeded random CIFAR-shaped images and labels for 10 classes."""
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(settings.batch, 3, settings.image, settings.image, generator=gen).to(device=device, dtype=dtype)
+    y = torch.randint(0, 10, (settings.batch,), generator=gen).to(device)
+    return x, y
+
+
+def micro_batches(settings: E2ESettings) -> list[int]:
+    """The perturbation sub-batch sizes compared: 64 examples and the whole batch."""
+    return sorted({min(MICRO_BATCH, settings.batch), settings.batch})
+
+
+def make_step(spec: ModelSpec, kind: str, backend: str, micro_batch: int, settings: E2ESettings,
+              device, dtype, x, y) -> tuple[Callable[[], None], nn.Module, torch.optim.Optimizer]:
+    """One training step of a fresh model: ``kind`` 'base' (base optimizer alone) or 'sam'."""
+    model = _fresh_model(spec, settings.image, device, dtype)
+    base_cls, base_kwargs = spec.base()
+    if kind == "base":
+        optimizer = base_cls(model.parameters(), **base_kwargs)
+    else:
+        optimizer = fastsam.SAM(model.parameters(), base_cls, rho=0.05, backend=backend, **base_kwargs)
+    micro = None if micro_batch == settings.batch else micro_batch
+
+    def step():
+        fastsam.train_step(model, optimizer, x, y, F.cross_entropy, micro_batch=micro)
+    return step, model, optimizer
+
+
 def run_model(spec: ModelSpec, backends: list[str], device: torch.device, dtype: torch.dtype,
               settings: E2ESettings, progress: Optional[Callable[[str], None]] = None) -> list[dict]:
     """Rows for one model: the base optimizer alone, then SAM with each backend and sub-batch size.
@@ -147,40 +176,31 @@ def run_model(spec: ModelSpec, backends: list[str], device: torch.device, dtype:
     that a change in machine load hits all of them alike instead of one in particular.
     """
     timer = Timer(device)
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    x = torch.randn(settings.batch, 3, settings.image, settings.image, generator=gen).to(device=device, dtype=dtype)
-    y = torch.randint(0, 10, (settings.batch,), generator=gen).to(device)
-    micro_batches = sorted({min(MICRO_BATCH, settings.batch), settings.batch})
+    x, y = make_data(settings, device, dtype)
+    sizes_of = micro_batches(settings)
 
     # (label, step function, row or None); passes-only runs give the forward/backward time.
     runs: list[tuple] = []
-    for m, passes in [(settings.batch, 1)] + [(m, 2) for m in micro_batches]:
+    for m, passes in [(settings.batch, 1)] + [(m, 2) for m in sizes_of]:
         model = _fresh_model(spec, settings.image, device, dtype)
         sizes = [m] * (settings.batch // m) + ([settings.batch % m] if settings.batch % m else [])
         runs.append((("passes", m, passes), _passes_only(model, x, y, sizes, passes), None))
-    configs = [("base", "-", settings.batch)] + [("sam", b, m) for m in micro_batches for b in backends]
+    params = sum(p.numel() for p in model.parameters())
+    tensors = sum(1 for _ in model.parameters())
+    configs = [("base", "-", settings.batch)] + [("sam", b, m) for m in sizes_of for b in backends]
     rows = []
+    base_name = spec.base()[0].__name__
     for kind, backend, m in configs:
-        model = _fresh_model(spec, settings.image, device, dtype)
-        base_cls, base_kwargs = spec.base()
-        row = {"model": spec.name, "params": sum(p.numel() for p in model.parameters()),
-               "tensors": sum(1 for _ in model.parameters()), "optimizer": kind, "base": base_cls.__name__,
-               "backend": backend, "batch": settings.batch, "micro_batch": m, "image": settings.image,
+        row = {"model": spec.name, "params": params, "tensors": tensors, "optimizer": kind, "base": base_name,
+               "backend": backend,
+               "batch": settings.batch, "micro_batch": m, "image": settings.image,
                "dtype": str(dtype).replace("torch.", ""), "error": None}
         rows.append(row)
         try:
-            if kind == "base":
-                optimizer = base_cls(model.parameters(), **base_kwargs)
-            else:
-                optimizer = fastsam.SAM(model.parameters(), base_cls, rho=0.05, backend=backend, **base_kwargs)
+            step, _, _ = make_step(spec, kind, backend, m, settings, device, dtype, x, y)
         except Exception as exc:  # recorded in the row: one failing backend does not lose the others
             row["error"] = _error(exc)
             continue
-        micro = None if m == settings.batch else m
-
-        def step(model=model, optimizer=optimizer, micro=micro):
-            fastsam.train_step(model, optimizer, x, y, F.cross_entropy, micro_batch=micro)
-
         runs.append(((kind, backend, m), step, row))
 
     times: dict[tuple, list] = {label: [] for label, _, _ in runs}
