@@ -101,7 +101,11 @@ def write(out: str, runs: list[dict], tuning: list[dict], configs, meta: dict) -
     if tuning:
         _write_csv(path("tuning.csv"), tuning, ("config", "method", "micro_batch", "rho", "seed", "val_acc",
                                                 "wall_ms_per_step", "cpu_ms_per_step"))
+    machine = meta["machine"]
     text = ["# fastsam experiment results", "", f"Command: `{meta['command']}`", "",
+            f"Machine: {machine['platform']}, {machine['cpus']} CPUs ({machine['processor']}), "
+            f"Python {machine['python']}, torch {machine['torch']}, fastsam {machine['fastsam']} "
+            f"(SAM backend '{machine['sam_backend']}'); total {meta['total_seconds']:.0f} s.", "",
             markdown_table(summary, meta)]
     if tuning:
         text += ["", "ρ tuning (one run per candidate, seed "
