@@ -1,0 +1,319 @@
+// CPU kernels of the fastsam ops. Work items are fixed-size ranges of the concatenation
+// of all tensors (plan.h: CpuItems), run with at::parallel_for; within an item each
+// (tensor, range) segment is a plain loop over flat arrays that the compiler vectorises
+// (restrict pointers, one template instance per dtype and exponent). Reductions keep
+// kLanes independent fp32 accumulators per item (vectorisable without reassociation),
+// fold them in a fixed tree into one partial per item, then add the partials in item
+// order in double: the result does not depend on the number of threads.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstring>
+#include <type_traits>
+
+#include "math.h"
+#include "plan.h"
+#include "tensor_lists.h"
+
+namespace fastsam {
+namespace {
+
+constexpr int64_t kItemSize = kCpuItemSize;
+constexpr int kLanes = 16;  // independent accumulators per reduction (4 SSE / 2 AVX vectors)
+
+template <int V>
+using Int = std::integral_constant<int, V>;
+
+// Calls f(Int<v>{}) for v in [0, Max] (ASAM exponents, ascent modes).
+template <int Max, typename F>
+void with_constant(int64_t v, F&& f) {
+  static_assert(Max >= 1 && Max <= 2, "with_constant handles 0..2");
+  TORCH_CHECK(v >= 0 && v <= Max, "fastsam: constant ", v, " out of range [0, ", Max, "]");
+  if (v == 0) {
+    f(Int<0>{});
+  } else if (v == 1) {
+    f(Int<1>{});
+  } else if constexpr (Max == 2) {
+    f(Int<2>{});
+  }
+}
+
+template <typename T>
+inline float load(T x) {
+  return static_cast<float>(x);
+}
+
+template <typename scalar_t>
+std::vector<scalar_t*> pointers(const std::vector<at::Tensor>& list) {
+  std::vector<scalar_t*> out(list.size());
+  for (size_t i = 0; i < list.size(); ++i) out[i] = static_cast<scalar_t*>(list[i].data_ptr());
+  return out;
+}
+
+template <typename F>
+void for_items(const CpuItems& items, const F& per_item) {
+  at::parallel_for(0, items.count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) per_item(k);
+  });
+}
+
+inline float fold_lanes(const float* acc) {
+  float level[kLanes];
+  for (int l = 0; l < kLanes; ++l) level[l] = acc[l];
+  for (int width = kLanes / 2; width >= 1; width /= 2) {
+    for (int l = 0; l < width; ++l) level[l] = level[2 * l] + level[2 * l + 1];
+  }
+  return level[0];
+}
+
+// W sums over all items; segment(t, lo, hi, acc) adds into acc[W][kLanes].
+template <int W, typename Segment>
+std::array<double, W> reduce_items(const CpuItems& items, const Segment& segment) {
+  std::vector<float> partials(static_cast<size_t>(items.count) * W);
+  for_items(items, [&](int64_t k) {
+    float acc[W][kLanes] = {};
+    items.for_each_segment(k, [&](int64_t t, int64_t lo, int64_t hi) { segment(t, lo, hi, acc); });
+    for (int w = 0; w < W; ++w) partials[k * W + w] = fold_lanes(acc[w]);
+  });
+  std::array<double, W> total{};
+  for (int64_t k = 0; k < items.count; ++k) {
+    for (int w = 0; w < W; ++w) total[w] += partials[k * W + w];
+  }
+  return total;
+}
+
+// ---- segment loops -------------------------------------------------------------------
+
+template <typename scalar_t, int B>
+inline void sumsq_segment(const scalar_t* __restrict__ g, const scalar_t* __restrict__ w, int64_t lo,
+                          int64_t hi, float eta, float* __restrict__ acc) {
+  auto term = [&](int64_t i) {
+    if constexpr (B == 0) {
+      return math::sumsq_term<0>(load(g[i]), 0.0f, eta);
+    } else {
+      return math::sumsq_term<B>(load(g[i]), load(w[i]), eta);
+    }
+  };
+  int64_t i = lo;
+  for (; i + kLanes <= hi; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += term(i + l);
+  }
+  for (int l = 0; i < hi; ++i, ++l) acc[l] += term(i);
+}
+
+template <typename scalar_t>
+inline void gsam_reduce_segment(const scalar_t* __restrict__ g_asc, const scalar_t* __restrict__ gp,
+                                int64_t lo, int64_t hi, float* __restrict__ dot,
+                                float* __restrict__ sq) {
+  int64_t i = lo;
+  for (; i + kLanes <= hi; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float a = load(g_asc[i + l]), p = load(gp[i + l]);
+      dot[l] += a * p;
+      sq[l] += p * p;
+    }
+  }
+  for (int l = 0; i < hi; ++i, ++l) {
+    const float a = load(g_asc[i]), p = load(gp[i]);
+    dot[l] += a * p;
+    sq[l] += p * p;
+  }
+}
+
+// AscentMode: 0 none, 1 raw copy of g, 2 g / (||g|| + eps).
+template <typename scalar_t, int A, int AscentMode>
+inline void perturb_segment(scalar_t* __restrict__ w, const scalar_t* __restrict__ g,
+                            scalar_t* __restrict__ backup, scalar_t* __restrict__ ascent, int64_t lo,
+                            int64_t hi, float scale, float eta, float ascent_inv) {
+  for (int64_t i = lo; i < hi; ++i) {
+    const scalar_t w_old = w[i];
+    const scalar_t g_i = g[i];
+    backup[i] = w_old;  // bit-exact: the stored value, not a round trip through fp32
+    if constexpr (AscentMode == 1) ascent[i] = g_i;
+    if constexpr (AscentMode == 2) {
+      ascent[i] = static_cast<scalar_t>(math::normalized_ascent(load(g_i), ascent_inv));
+    }
+    w[i] = static_cast<scalar_t>(math::perturbed<A>(load(w_old), load(g_i), scale, eta));
+  }
+}
+
+template <typename scalar_t>
+inline void gsam_combine_segment(scalar_t* __restrict__ gp, const scalar_t* __restrict__ g_asc,
+                                 int64_t lo, int64_t hi, math::GsamCoefficients c, float alpha) {
+  for (int64_t i = lo; i < hi; ++i) {
+    gp[i] = static_cast<scalar_t>(math::gsam_combined(load(gp[i]), load(g_asc[i]), c, alpha));
+  }
+}
+
+template <typename scalar_t, bool Init>
+inline void accumulate_segment(scalar_t* __restrict__ acc, const scalar_t* __restrict__ g, int64_t lo,
+                               int64_t hi, float scale) {
+  for (int64_t i = lo; i < hi; ++i) {
+    const float previous = Init ? 0.0f : load(acc[i]);
+    acc[i] = static_cast<scalar_t>(math::accumulated<Init>(previous, load(g[i]), scale));
+  }
+}
+
+float read_scalar(const at::Tensor& t, int64_t i = 0) {
+  return t.data_ptr<float>()[i];
+}
+
+// ---- ops -----------------------------------------------------------------------------
+
+at::Tensor sumsq_cpu(at::TensorList tensors, at::TensorList params, int64_t b, double eta) {
+  check_exponent("sumsq", "b", b, 1);
+  TORCH_CHECK(b == 0 || params.size() == tensors.size(),
+              "fastsam.sumsq: b > 0 needs one parameter per tensor (T = |w| + eta)");
+  at::Tensor out = at::zeros({}, at::TensorOptions().dtype(at::kFloat));
+  if (tensors.empty()) return out;
+  PreparedLists prep = b == 0 ? prepare_lists("sumsq", {{"tensors", tensors, Access::Read}})
+                              : prepare_lists("sumsq", {{"tensors", tensors, Access::Read},
+                                                        {"params", params, Access::Read}});
+  const CpuItems items(prep.numels, kItemSize);
+  const float eta_f = static_cast<float>(eta);
+  double total = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prep.dtype, "fastsam_sumsq_cpu", [&] {
+    const auto g = pointers<scalar_t>(prep.lists[0]);
+    const auto w = b == 0 ? std::vector<scalar_t*>(g.size(), nullptr) : pointers<scalar_t>(prep.lists[1]);
+    with_constant<1>(b, [&](auto B) {
+      total = reduce_items<1>(items, [&](int64_t t, int64_t lo, int64_t hi, float (*acc)[kLanes]) {
+        sumsq_segment<scalar_t, decltype(B)::value>(g[t], w[t], lo, hi, eta_f, acc[0]);
+      })[0];
+    });
+  });
+  out.data_ptr<float>()[0] = static_cast<float>(total);
+  return out;
+}
+
+void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                 const at::Tensor& sumsq, double rho, int64_t a, double eta, double eps,
+                 at::TensorList ascent, const std::optional<at::Tensor>& ascent_sumsq) {
+  check_exponent("perturb_", "a", a, 2);
+  if (params.empty()) return;
+  const bool with_ascent = !ascent.empty();
+  PreparedLists prep = with_ascent
+      ? prepare_lists("perturb_", {{"params", params, Access::ReadWrite}, {"grads", grads, Access::Read},
+                                   {"backups", backups, Access::Write}, {"ascent", ascent, Access::Write}})
+      : prepare_lists("perturb_", {{"params", params, Access::ReadWrite}, {"grads", grads, Access::Read},
+                                   {"backups", backups, Access::Write}});
+  const float scale = math::perturb_scale(read_scalar(scalar_on("perturb_", "sumsq", sumsq, prep.device, 1)),
+                                          static_cast<float>(rho), static_cast<float>(eps));
+  const int mode = !with_ascent ? 0 : ascent_sumsq.has_value() ? 2 : 1;
+  const float ascent_inv = mode == 2
+      ? math::inverse_norm(read_scalar(scalar_on("perturb_", "ascent_sumsq", *ascent_sumsq, prep.device, 1)),
+                           static_cast<float>(eps))
+      : 0.0f;
+  const float eta_f = static_cast<float>(eta);
+  const CpuItems items(prep.numels, kItemSize);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prep.dtype, "fastsam_perturb_cpu", [&] {
+    const auto w = pointers<scalar_t>(prep.lists[0]);
+    const auto g = pointers<scalar_t>(prep.lists[1]);
+    const auto bk = pointers<scalar_t>(prep.lists[2]);
+    const auto asc = with_ascent ? pointers<scalar_t>(prep.lists[3]) : std::vector<scalar_t*>(w.size(), nullptr);
+    with_constant<2>(a, [&](auto A) {
+      with_constant<2>(mode, [&](auto Mode) {
+        for_items(items, [&](int64_t k) {
+          items.for_each_segment(k, [&](int64_t t, int64_t lo, int64_t hi) {
+            perturb_segment<scalar_t, decltype(A)::value, decltype(Mode)::value>(
+                w[t], g[t], bk[t], asc[t], lo, hi, scale, eta_f, ascent_inv);
+          });
+        });
+      });
+    });
+  });
+  prep.write_back();
+}
+
+void restore_cpu(at::TensorList params, at::TensorList backups) {
+  if (params.empty()) return;
+  PreparedLists prep = prepare_lists(
+      "restore_", {{"params", params, Access::Write}, {"backups", backups, Access::Read}});
+  const CpuItems items(prep.numels, kItemSize);
+  const size_t itemsize = c10::elementSize(prep.dtype);
+  const auto w = pointers<char>(prep.lists[0]);
+  const auto bk = pointers<char>(prep.lists[1]);
+  for_items(items, [&](int64_t k) {
+    items.for_each_segment(k, [&](int64_t t, int64_t lo, int64_t hi) {
+      std::memcpy(w[t] + lo * itemsize, bk[t] + lo * itemsize, (hi - lo) * itemsize);
+    });
+  });
+  prep.write_back();
+}
+
+at::Tensor gsam_reduce_cpu(at::TensorList ascent, at::TensorList grads) {
+  at::Tensor out = at::zeros({2}, at::TensorOptions().dtype(at::kFloat));
+  if (grads.empty()) return out;
+  PreparedLists prep = prepare_lists(
+      "gsam_reduce", {{"ascent", ascent, Access::Read}, {"grads", grads, Access::Read}});
+  const CpuItems items(prep.numels, kItemSize);
+  std::array<double, 2> total{};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prep.dtype, "fastsam_gsam_reduce_cpu", [&] {
+    const auto asc = pointers<scalar_t>(prep.lists[0]);
+    const auto gp = pointers<scalar_t>(prep.lists[1]);
+    total = reduce_items<2>(items, [&](int64_t t, int64_t lo, int64_t hi, float (*acc)[kLanes]) {
+      gsam_reduce_segment<scalar_t>(asc[t], gp[t], lo, hi, acc[0], acc[1]);
+    });
+  });
+  out.data_ptr<float>()[0] = static_cast<float>(total[0]);
+  out.data_ptr<float>()[1] = static_cast<float>(total[1]);
+  return out;
+}
+
+void gsam_combine_cpu(at::TensorList grads, at::TensorList ascent, const at::Tensor& stats, double alpha,
+                      double eps) {
+  if (grads.empty()) return;
+  PreparedLists prep = prepare_lists(
+      "gsam_combine_", {{"grads", grads, Access::ReadWrite}, {"ascent", ascent, Access::Read}});
+  const at::Tensor s = scalar_on("gsam_combine_", "stats", stats, prep.device, 2);
+  const auto coefficients = math::gsam_coefficients(read_scalar(s, 0), read_scalar(s, 1), static_cast<float>(eps));
+  const float alpha_f = static_cast<float>(alpha);
+  const CpuItems items(prep.numels, kItemSize);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prep.dtype, "fastsam_gsam_combine_cpu", [&] {
+    const auto gp = pointers<scalar_t>(prep.lists[0]);
+    const auto asc = pointers<scalar_t>(prep.lists[1]);
+    for_items(items, [&](int64_t k) {
+      items.for_each_segment(k, [&](int64_t t, int64_t lo, int64_t hi) {
+        gsam_combine_segment<scalar_t>(gp[t], asc[t], lo, hi, coefficients, alpha_f);
+      });
+    });
+  });
+  prep.write_back();
+}
+
+void accumulate_cpu(at::TensorList accum, at::TensorList grads, double scale, bool init) {
+  if (accum.empty()) return;
+  PreparedLists prep = prepare_lists(
+      "accumulate_", {{"accum", accum, init ? Access::Write : Access::ReadWrite}, {"grads", grads, Access::Read}});
+  const float scale_f = static_cast<float>(scale);
+  const CpuItems items(prep.numels, kItemSize);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, prep.dtype, "fastsam_accumulate_cpu", [&] {
+    const auto acc = pointers<scalar_t>(prep.lists[0]);
+    const auto g = pointers<scalar_t>(prep.lists[1]);
+    for_items(items, [&](int64_t k) {
+      items.for_each_segment(k, [&](int64_t t, int64_t lo, int64_t hi) {
+        if (init) {
+          accumulate_segment<scalar_t, true>(acc[t], g[t], lo, hi, scale_f);
+        } else {
+          accumulate_segment<scalar_t, false>(acc[t], g[t], lo, hi, scale_f);
+        }
+      });
+    });
+  });
+  prep.write_back();
+}
+
+}  // namespace
+}  // namespace fastsam
+
+TORCH_LIBRARY_IMPL(fastsam, CPU, m) {
+  m.impl("sumsq", &fastsam::sumsq_cpu);
+  m.impl("perturb_", &fastsam::perturb_cpu);
+  m.impl("restore_", &fastsam::restore_cpu);
+  m.impl("gsam_reduce", &fastsam::gsam_reduce_cpu);
+  m.impl("gsam_combine_", &fastsam::gsam_combine_cpu);
+  m.impl("accumulate_", &fastsam::accumulate_cpu);
+}

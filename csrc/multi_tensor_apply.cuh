@@ -1,0 +1,206 @@
+// Multi-tensor apply for CUDA: one kernel launch covers many tensors. The launch's
+// argument carries, for up to max_tensors(Depth) tensor slots, the address of the tensor
+// in each of the Depth lists and its length, plus a map from thread block to (slot,
+// chunk). The host planner (plan.h: plan_launches) decides the launches; a new one starts
+// when the slots or the blocks fill, so launches grow with total size and tensor count
+// over the slot limits, never one per tensor. Each block walks its chunk with kIlp
+// elements per thread, using one vector load/store per list when every address of the
+// chunk is aligned (the common case) and coalesced scalar accesses otherwise. Offsets
+// are 64-bit, so tensors past 2^31 elements are fine.
+#pragma once
+
+#include <c10/util/Exception.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "cuda_launch.h"
+#include "plan.h"
+
+namespace fastsam {
+namespace cuda {
+
+constexpr int kIlp = 4;  // elements per thread per step
+
+template <int Depth>
+struct TensorListMeta {
+  static constexpr int kMaxTensors = static_cast<int>(cuda_max_tensors(Depth));
+  void* addresses[Depth][kMaxTensors];
+  int64_t numels[kMaxTensors];
+  unsigned char block_slot[kCudaMaxBlocks];
+  int32_t block_chunk[kCudaMaxBlocks];
+  int64_t first_block;  // global index of this launch's block 0 (for reduction partials)
+};
+
+// Kernel parameters are limited to 4 KiB; leave room for the op's own scalars.
+static_assert(sizeof(TensorListMeta<1>) <= 3840, "depth-1 launch argument too large");
+static_assert(sizeof(TensorListMeta<2>) <= 3840, "depth-2 launch argument too large");
+static_assert(sizeof(TensorListMeta<3>) <= 3840, "depth-3 launch argument too large");
+static_assert(sizeof(TensorListMeta<4>) <= 3840, "depth-4 launch argument too large");
+static_assert(cuda_max_tensors(1) <= 255, "block_slot is one byte");
+static_assert(kCudaChunkSize % (kIlp * kCudaBlockThreads) == 0, "chunks are whole steps");
+
+template <typename T>
+struct alignas(sizeof(T) * kIlp) Pack {
+  T v[kIlp];
+};
+
+// One block per planned chunk: op(meta, slot, begin, n, block) handles elements
+// [begin, begin + n) of the tensors in `slot`; `block` is its global index.
+template <int Depth, typename Op>
+__global__ void __launch_bounds__(kCudaBlockThreads) multi_tensor_kernel(TensorListMeta<Depth> meta, Op op) {
+  const int slot = meta.block_slot[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kCudaChunkSize;
+  const int64_t remaining = meta.numels[slot] - begin;
+  const int64_t n = remaining < kCudaChunkSize ? remaining : kCudaChunkSize;
+  op(meta, slot, begin, n, meta.first_block + static_cast<int64_t>(blockIdx.x));
+}
+
+inline void check_launch(const char* what) {
+  const cudaError_t error = cudaGetLastError();
+  TORCH_CHECK(error == cudaSuccess, "fastsam: launching ", what, " failed: ", cudaGetErrorString(error));
+}
+
+// Launches op over lists.addresses[0..Depth) (tensors already checked and laid out flat).
+template <int Depth, typename Op>
+void multi_tensor_apply(const DeviceLists& lists, const Op& op, cudaStream_t stream) {
+  TORCH_CHECK(lists.depth == Depth, "multi_tensor_apply: expected ", Depth, " lists, got ", lists.depth);
+  const auto launches =
+      plan_launches(lists.numels, kCudaChunkSize, TensorListMeta<Depth>::kMaxTensors, kCudaMaxBlocks);
+  TensorListMeta<Depth> meta;
+  for (const PlannedLaunch& launch : launches) {
+    for (size_t slot = 0; slot < launch.tensors.size(); ++slot) {
+      const int64_t t = launch.tensors[slot];
+      for (int d = 0; d < Depth; ++d) meta.addresses[d][slot] = lists.addresses[d][t];
+      meta.numels[slot] = lists.numels[t];
+    }
+    for (size_t b = 0; b < launch.blocks.size(); ++b) {
+      meta.block_slot[b] = static_cast<unsigned char>(launch.blocks[b].slot);
+      meta.block_chunk[b] = launch.blocks[b].chunk;
+    }
+    meta.first_block = launch.first_block;
+    multi_tensor_kernel<Depth, Op>
+        <<<static_cast<unsigned>(launch.blocks.size()), kCudaBlockThreads, 0, stream>>>(meta, op);
+    check_launch("a multi-tensor kernel");
+  }
+}
+
+// ---- device helpers for the ops' block functions ----
+
+template <typename T>
+__device__ __forceinline__ bool is_pack_aligned(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % sizeof(Pack<T>) == 0;
+}
+
+// Walks elements [0, n) of one chunk. For each element, the values of the lists in
+// `Reads` (a bit mask over list indices) are loaded into v[d], fn(v) updates v, and the
+// lists in `Writes` are stored back from v[d].
+template <typename T, int Depth, unsigned Reads, unsigned Writes, typename Fn>
+__device__ __forceinline__ void for_each_element(const TensorListMeta<Depth>& meta, int slot, int64_t begin,
+                                                 int64_t n, Fn&& fn) {
+  T* ptr[Depth];
+  bool aligned = n % kIlp == 0;
+#pragma unroll
+  for (int d = 0; d < Depth; ++d) {
+    ptr[d] = static_cast<T*>(meta.addresses[d][slot]) + begin;
+    if ((Reads | Writes) & (1u << d)) aligned = aligned && is_pack_aligned(ptr[d]);
+  }
+  T v[kIlp][Depth];
+  if (aligned) {
+    for (int64_t i = static_cast<int64_t>(threadIdx.x) * kIlp; i < n; i += static_cast<int64_t>(blockDim.x) * kIlp) {
+#pragma unroll
+      for (int d = 0; d < Depth; ++d) {
+        if (Reads & (1u << d)) {
+          const Pack<T> p = *reinterpret_cast<const Pack<T>*>(ptr[d] + i);
+#pragma unroll
+          for (int k = 0; k < kIlp; ++k) v[k][d] = p.v[k];
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kIlp; ++k) fn(v[k]);
+#pragma unroll
+      for (int d = 0; d < Depth; ++d) {
+        if (Writes & (1u << d)) {
+          Pack<T> p;
+#pragma unroll
+          for (int k = 0; k < kIlp; ++k) p.v[k] = v[k][d];
+          *reinterpret_cast<Pack<T>*>(ptr[d] + i) = p;
+        }
+      }
+    }
+  } else {
+    for (int64_t i0 = 0; i0 < n; i0 += static_cast<int64_t>(blockDim.x) * kIlp) {
+#pragma unroll
+      for (int k = 0; k < kIlp; ++k) {
+        const int64_t i = i0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+        if (i < n) {
+#pragma unroll
+          for (int d = 0; d < Depth; ++d) {
+            if (Reads & (1u << d)) v[k][d] = ptr[d][i];
+          }
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kIlp; ++k) {
+        const int64_t i = i0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+        if (i < n) fn(v[k]);
+      }
+#pragma unroll
+      for (int k = 0; k < kIlp; ++k) {
+        const int64_t i = i0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+        if (i < n) {
+#pragma unroll
+          for (int d = 0; d < Depth; ++d) {
+            if (Writes & (1u << d)) ptr[d][i] = v[k][d];
+          }
+        }
+      }
+    }
+  }
+}
+
+// Deterministic block sum of W values per thread (fixed shuffle tree, then warp 0 over
+// the per-warp sums); thread 0 stores the W results to out[0..W).
+template <int W, typename Acc>
+__device__ __forceinline__ void block_sum_store(const Acc (&acc)[W], float* out) {
+  constexpr int kWarps = kCudaBlockThreads / 32;
+  __shared__ Acc warp_sums[W][kWarps];
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int w = 0; w < W; ++w) {
+    Acc v = acc[w];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+    if (lane == 0) warp_sums[w][warp] = v;
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+      Acc v = lane < kWarps ? warp_sums[w][lane] : Acc(0);
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+      if (lane == 0) out[w] = static_cast<float>(v);
+    }
+  }
+}
+
+// Second phase of a reduction: one block adds the `count` per-chunk partials (W values
+// each) in a fixed order, in double, and writes the W fp32 totals.
+template <int W>
+__global__ void __launch_bounds__(kCudaBlockThreads) finish_sum_kernel(const float* partials, int64_t count,
+                                                                       float* out) {
+  double acc[W];
+#pragma unroll
+  for (int w = 0; w < W; ++w) acc[w] = 0.0;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
+#pragma unroll
+    for (int w = 0; w < W; ++w) acc[w] += partials[i * W + w];
+  }
+  block_sum_store<W>(acc, out);
+}
+
+}  // namespace cuda
+}  // namespace fastsam

@@ -1,0 +1,130 @@
+// fastsam._C: the op schemas (declared once, namespace `fastsam`), their meta/fake
+// kernels, host-only debug ops exposing the launch planners, and the Python module entry.
+// The CPU kernels live in cpu_kernels.cpp, the CUDA kernels in cuda_kernels.cu; each
+// registers itself for its dispatch key. fastsam/ops/compiled.py documents the semantics
+// (the ops contract of fastsam/ops/__init__.py).
+#include <Python.h>
+
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "plan.h"
+
+namespace fastsam {
+namespace {
+
+// ---- meta kernels: shapes and dtypes only (used by FakeTensor / torch.compile) ----
+
+at::Tensor sumsq_meta(at::TensorList tensors, at::TensorList, int64_t, double) {
+  auto options = at::TensorOptions().dtype(at::kFloat).device(
+      tensors.empty() ? at::Device(at::kMeta) : tensors[0].device());
+  return at::empty({}, options);
+}
+
+void perturb_meta(at::TensorList, at::TensorList, at::TensorList, const at::Tensor&, double, int64_t,
+                  double, double, at::TensorList, const std::optional<at::Tensor>&) {}
+
+void restore_meta(at::TensorList, at::TensorList) {}
+
+at::Tensor gsam_reduce_meta(at::TensorList ascent, at::TensorList grads) {
+  auto options = at::TensorOptions().dtype(at::kFloat).device(
+      grads.empty() ? at::Device(at::kMeta) : grads[0].device());
+  return at::empty({2}, options);
+}
+
+void gsam_combine_meta(at::TensorList, at::TensorList, const at::Tensor&, double, double) {}
+
+void accumulate_meta(at::TensorList, at::TensorList, double, bool) {}
+
+// ---- debug ops: the planners, for exhaustive coverage tests on the CPU ----
+
+// int64 [segments, 4]: (item, tensor, begin, end) in execution order.
+at::Tensor plan_cpu_items(c10::IntArrayRef numels, int64_t item_size) {
+  TORCH_CHECK(item_size > 0, "_plan_cpu_items: item_size must be positive");
+  CpuItems items(std::vector<int64_t>(numels.begin(), numels.end()), item_size);
+  std::vector<int64_t> rows;
+  for (int64_t k = 0; k < items.count; ++k) {
+    items.for_each_segment(k, [&](int64_t t, int64_t lo, int64_t hi) {
+      rows.insert(rows.end(), {k, t, lo, hi});
+    });
+  }
+  at::Tensor out = at::empty({static_cast<int64_t>(rows.size() / 4), 4}, at::kLong);
+  std::copy(rows.begin(), rows.end(), out.data_ptr<int64_t>());
+  return out;
+}
+
+// int64 [blocks, 5]: (launch, global block index = partials slot, slot, tensor, chunk).
+at::Tensor plan_cuda_launches(c10::IntArrayRef numels, int64_t chunk_size, int64_t max_tensors,
+                              int64_t max_blocks) {
+  auto launches = plan_launches(std::vector<int64_t>(numels.begin(), numels.end()), chunk_size,
+                                max_tensors, max_blocks);
+  std::vector<int64_t> rows;
+  for (size_t l = 0; l < launches.size(); ++l) {
+    const auto& launch = launches[l];
+    for (size_t b = 0; b < launch.blocks.size(); ++b) {
+      const auto& block = launch.blocks[b];
+      rows.insert(rows.end(), {static_cast<int64_t>(l), launch.first_block + static_cast<int64_t>(b),
+                               block.slot, launch.tensors.at(block.slot), block.chunk});
+    }
+  }
+  at::Tensor out = at::empty({static_cast<int64_t>(rows.size() / 5), 5}, at::kLong);
+  std::copy(rows.begin(), rows.end(), out.data_ptr<int64_t>());
+  return out;
+}
+
+// [cpu_item_size, cuda_chunk_size, cuda_block_threads, cuda_max_blocks, cuda_max_tensors(depth 1..4)...]
+std::vector<int64_t> launch_config() {
+  std::vector<int64_t> out{kCpuItemSize, kCudaChunkSize, kCudaBlockThreads, kCudaMaxBlocks};
+  for (int depth = 1; depth <= kCudaMaxDepth; ++depth) out.push_back(cuda_max_tensors(depth));
+  return out;
+}
+
+}  // namespace
+}  // namespace fastsam
+
+TORCH_LIBRARY(fastsam, m) {
+  // Empty `params` (sumsq with b == 0) and empty `ascent` (perturb without GSAM) mean
+  // "not given"; the Python wrappers in fastsam/ops/compiled.py pass [] for None.
+  m.def("sumsq(Tensor[] tensors, Tensor[] params, int b, float eta) -> Tensor");
+  m.def("perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, Tensor sumsq, float rho, "
+        "int a, float eta, float eps, Tensor(c!)[] ascent, Tensor? ascent_sumsq) -> ()");
+  m.def("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()");
+  m.def("gsam_reduce(Tensor[] ascent, Tensor[] grads) -> Tensor");
+  m.def("gsam_combine_(Tensor(a!)[] grads, Tensor[] ascent, Tensor stats, float alpha, float eps) -> ()");
+  m.def("accumulate_(Tensor(a!)[] accum, Tensor[] grads, float scale, bool init) -> ()");
+  // Host-only debug ops (no tensor inputs; not part of the ops contract, not for torch.compile).
+  m.def("_plan_cpu_items(int[] numels, int item_size) -> Tensor", &fastsam::plan_cpu_items);
+  m.def("_plan_cuda_launches(int[] numels, int chunk_size, int max_tensors, int max_blocks) -> Tensor",
+        &fastsam::plan_cuda_launches);
+  m.def("_launch_config() -> int[]", &fastsam::launch_config);
+}
+
+TORCH_LIBRARY_IMPL(fastsam, Meta, m) {
+  m.impl("sumsq", &fastsam::sumsq_meta);
+  m.impl("perturb_", &fastsam::perturb_meta);
+  m.impl("restore_", &fastsam::restore_meta);
+  m.impl("gsam_reduce", &fastsam::gsam_reduce_meta);
+  m.impl("gsam_combine_", &fastsam::gsam_combine_meta);
+  m.impl("accumulate_", &fastsam::accumulate_meta);
+}
+
+// ---- Python module: importing fastsam._C loads the library, which registers the ops ----
+
+#ifdef FASTSAM_WITH_CUDA
+#define FASTSAM_CUDA_FLAG 1
+#else
+#define FASTSAM_CUDA_FLAG 0
+#endif
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "fastsam._C",
+                               "fastsam's compiled kernels; the ops are in torch.ops.fastsam", -1,
+                               nullptr};
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+  if (PyModule_AddIntConstant(m, "WITH_CUDA", FASTSAM_CUDA_FLAG) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

@@ -1,0 +1,114 @@
+// Argument checks and layout staging shared by the CPU and CUDA ops (see tensor_lists.h).
+#include "tensor_lists.h"
+
+#include <ATen/MemoryOverlap.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+namespace fastsam {
+
+namespace {
+
+bool supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+// True when the flat walk over every tensor of a position visits the same logical elements.
+bool shares_dense_layout(const std::vector<const at::Tensor*>& ts) {
+  const at::Tensor& first = *ts.front();
+  if (first.numel() <= 1) return true;
+  for (const at::Tensor* t : ts) {
+    if (!t->is_non_overlapping_and_dense()) return false;
+    if (t->strides() != first.strides()) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+void PreparedLists::write_back() {
+  for (auto& [target, stand_in] : write_backs_) target.copy_(stand_in);
+  write_backs_.clear();
+}
+
+PreparedLists prepare_lists(const char* op, std::initializer_list<ListArg> args) {
+  PreparedLists out;
+  TORCH_CHECK(args.size() > 0, op, ": no tensor lists");
+  const ListArg& lead = *args.begin();
+  const size_t n = lead.tensors.size();
+  TORCH_CHECK(n > 0, op, ": empty tensor lists reach no kernel (the Python wrapper returns early)");
+  for (const ListArg& a : args) {
+    TORCH_CHECK(a.tensors.size() == n, "fastsam.", op, ": ", a.name, " has ", a.tensors.size(),
+                " tensors but ", lead.name, " has ", n, "; the lists must match one to one");
+  }
+  const at::Tensor& first = lead.tensors[0];
+  out.device = first.device();
+  out.dtype = first.scalar_type();
+  TORCH_CHECK(supported_dtype(out.dtype), "fastsam.", op, ": unsupported dtype ", out.dtype,
+              " (float32, bfloat16, float16 and float64 are supported)");
+
+  out.lists.resize(args.size());
+  for (auto& l : out.lists) l.reserve(n);
+  out.numels.reserve(n);
+  std::vector<const at::Tensor*> at_position(args.size());
+  for (size_t i = 0; i < n; ++i) {
+    size_t l = 0;
+    for (const ListArg& a : args) {
+      const at::Tensor& t = a.tensors[i];
+      TORCH_CHECK(t.defined(), "fastsam.", op, ": ", a.name, "[", i, "] is undefined");
+      TORCH_CHECK(t.device() == out.device, "fastsam.", op, ": ", a.name, "[", i, "] is on ",
+                  t.device(), " but ", lead.name, "[0] is on ", out.device,
+                  "; all tensors of one call must share a device");
+      TORCH_CHECK(t.scalar_type() == out.dtype, "fastsam.", op, ": ", a.name, "[", i, "] is ",
+                  t.scalar_type(), " but ", lead.name, "[0] is ", out.dtype,
+                  "; all tensors of one call must share a dtype (group them by dtype)");
+      TORCH_CHECK(t.sizes() == lead.tensors[i].sizes(), "fastsam.", op, ": ", a.name, "[", i,
+                  "] has shape ", t.sizes(), " but ", lead.name, "[", i, "] has shape ",
+                  lead.tensors[i].sizes());
+      if (a.access != Access::Read) {
+        TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, "fastsam.", op, ": ",
+                    a.name, "[", i, "] is written but has overlapping elements (e.g. expand()); "
+                    "pass a tensor that owns its elements");
+      }
+      at_position[l++] = &t;
+    }
+    out.numels.push_back(lead.tensors[i].numel());
+    if (shares_dense_layout(at_position)) {
+      l = 0;
+      for (const ListArg& a : args) out.lists[l++].push_back(a.tensors[i]);
+      continue;
+    }
+    l = 0;
+    for (const ListArg& a : args) {
+      const at::Tensor& t = a.tensors[i];
+      at::Tensor flat;
+      if (t.is_contiguous()) {
+        flat = t;
+      } else if (a.access == Access::Write) {
+        flat = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
+        out.write_backs_.emplace_back(t, flat);
+      } else {
+        flat = t.contiguous();
+        if (a.access == Access::ReadWrite) out.write_backs_.emplace_back(t, flat);
+      }
+      out.lists[l++].push_back(std::move(flat));
+    }
+  }
+  return out;
+}
+
+at::Tensor scalar_on(const char* op, const char* name, const at::Tensor& t, at::Device device,
+                     int64_t numel) {
+  TORCH_CHECK(t.defined() && t.numel() == numel, "fastsam.", op, ": ", name, " must have ", numel,
+              " element(s), got shape ", t.sizes());
+  TORCH_CHECK(t.device() == device || (t.is_cpu() && t.dim() == 0), "fastsam.", op, ": ", name,
+              " is on ", t.device(), " but the tensors are on ", device);
+  return t.to(device, at::kFloat).contiguous();
+}
+
+void check_exponent(const char* op, const char* name, int64_t value, int64_t max) {
+  TORCH_CHECK(value >= 0 && value <= max, "fastsam.", op, ": ASAM exponent ", name, " must be in [0, ",
+              max, "], got ", value);
+}
+
+}  // namespace fastsam

@@ -1,0 +1,57 @@
+// Host code shared by the CPU and CUDA implementations of every op: argument checks and
+// the handling of memory layouts.
+//
+// Kernels walk each tensor as a flat array. That is exact when every tensor that an op
+// reads or writes at one list position shares one dense layout (contiguous, or e.g. all
+// transposed the same way): element k of the flat walk is then the same logical element
+// in each of them. Any other position (a strided view, mixed layouts) is *staged*: its
+// tensors are replaced by contiguous stand-ins, and written ones are copied back after the
+// kernel (on the same device stream; no host synchronisation). Correct for every view,
+// fast for the layouts optimizers actually hold.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <initializer_list>
+#include <utility>
+#include <vector>
+
+namespace fastsam {
+
+enum class Access { Read, Write, ReadWrite };
+
+struct ListArg {
+  const char* name;
+  at::TensorList tensors;
+  Access access;
+};
+
+class PreparedLists {
+ public:
+  // lists[l][i]: the tensors the kernels walk flat (the caller's, or staged stand-ins).
+  std::vector<std::vector<at::Tensor>> lists;
+  std::vector<int64_t> numels;
+  at::Device device{at::kCPU};
+  at::ScalarType dtype = at::kFloat;
+
+  size_t size() const { return numels.size(); }
+  // Copy staged results into the caller's tensors (call after the kernels were queued).
+  void write_back();
+
+ private:
+  friend PreparedLists prepare_lists(const char*, std::initializer_list<ListArg>);
+  std::vector<std::pair<at::Tensor, at::Tensor>> write_backs_;  // (caller's tensor, stand-in)
+};
+
+// Checks that the lists have equal lengths, that all tensors share one device and one
+// floating dtype and that tensors at one position have equal shapes; written tensors must
+// not overlap themselves. Empty lists are not passed here (the op has nothing to do).
+PreparedLists prepare_lists(const char* op, std::initializer_list<ListArg> args);
+
+// A 0-d (or [n]) fp32 scalar tensor on `device`, from a data-dependent scalar argument.
+at::Tensor scalar_on(const char* op, const char* name, const at::Tensor& t, at::Device device,
+                     int64_t numel);
+
+void check_exponent(const char* op, const char* name, int64_t value, int64_t max);
+
+}  // namespace fastsam

@@ -1,0 +1,145 @@
+"""Compiled backends: ``cpp`` (CPU kernels) and ``cuda`` (CUDA kernels) of ``fastsam._C``.
+
+Each op of the contract (fastsam/ops/__init__.py) is one registered ``torch.ops.fastsam``
+op that makes one pass over memory for all tensors of a call: CPU kernels run
+``at::parallel_for`` over fixed-size work items of the concatenated tensors, CUDA kernels
+are multi-tensor-apply launches (csrc/). Both share one header of element-wise math
+(csrc/math.h); reductions are two-phase and bitwise repeatable.
+
+The extension is loaded on first use of a backend, never by ``import fastsam``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from fastsam.ops import Backend, check_exponents
+
+BUILD_HINT = ("reinstall fastsam with `pip install --no-build-isolation -e .` after installing torch "
+              "and ninja (a C++ compiler is needed; see README.md)")
+
+_module = None
+_load_error: Optional[str] = None
+
+
+def load_extension():
+    """The ``fastsam._C`` module (importing it registers ``torch.ops.fastsam``), or None."""
+    global _module, _load_error
+    if _module is None and _load_error is None:
+        try:
+            _module = importlib.import_module("fastsam._C")
+        except ImportError as error:
+            if getattr(error, "name", None) == "fastsam._C":
+                _load_error = "fastsam was installed without its compiled extension"
+            else:  # built, but does not load (e.g. compiled against another torch)
+                _load_error = f"the compiled extension fastsam._C failed to load ({error})"
+    return _module
+
+
+def extension_error() -> Optional[str]:
+    """Why ``fastsam._C`` is not loaded (None when it is)."""
+    load_extension()
+    return _load_error
+
+
+def cuda_kernels_built() -> bool:
+    """True when the loaded extension contains the CUDA kernels."""
+    module = load_extension()
+    return bool(module is not None and getattr(module, "WITH_CUDA", 0))
+
+
+def _cpp_unavailable_reason(device: torch.device) -> Optional[str]:
+    if device.type != "cpu":
+        return f"the cpp backend runs on CPU tensors only (use 'cuda' or 'auto' for {device.type} tensors)"
+    error = extension_error()
+    if error is not None:
+        return f"{error}: {BUILD_HINT}"
+    return None
+
+
+def _cuda_unavailable_reason(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return f"the cuda backend runs on CUDA tensors only (use 'cpp' or 'auto' for {device.type} tensors)"
+    error = extension_error()
+    if error is not None:
+        return f"{error}: {BUILD_HINT}"
+    if not cuda_kernels_built():
+        return ("the extension was built without CUDA kernels (torch without CUDA, no CUDA toolkit, or "
+                "FASTSAM_SKIP_CUDA set at build time): install a CUDA build of torch and the CUDA toolkit "
+                "(nvcc), set CUDA_HOME if needed, then reinstall with "
+                "`FASTSAM_REQUIRE_CUDA=1 pip install --no-build-isolation -e .`")
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    return None
+
+
+# ---- the ops contract, with the reference's signatures ----------------------------------
+# Empty lists are answered here: with no tensor there is nothing to dispatch on.
+
+def _device_scalar(t: Tensor, like: Tensor) -> Tensor:
+    return t.to(device=like.device, dtype=torch.float32)
+
+
+def sumsq(tensors: Sequence[Tensor], params: Optional[Sequence[Tensor]] = None, b: int = 0,
+          eta: float = 0.0) -> Tensor:
+    check_exponents(0, b)
+    if b > 0 and params is None:
+        raise ValueError("sumsq with b > 0 needs the parameters (T = |w| + eta)")
+    if not len(tensors):
+        return torch.zeros((), dtype=torch.float32)
+    return torch.ops.fastsam.sumsq(list(tensors), list(params) if b > 0 else [], b, float(eta))
+
+
+def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], backups: Sequence[Tensor],
+             sumsq: Tensor, rho: float, a: int = 0, b: int = 0, eta: float = 0.0,
+             eps: float = 1e-12, ascent: Optional[Sequence[Tensor]] = None,
+             ascent_sumsq: Optional[Tensor] = None) -> None:
+    check_exponents(a, b)
+    if not len(params):
+        return
+    params = list(params)
+    ascent_list = list(ascent) if ascent is not None else []
+    if ascent is None:
+        ascent_sumsq = None
+    elif ascent_sumsq is not None:
+        ascent_sumsq = _device_scalar(ascent_sumsq, params[0])
+    torch.ops.fastsam.perturb_(params, list(grads), list(backups), _device_scalar(sumsq, params[0]),
+                               float(rho), a, float(eta), float(eps), ascent_list, ascent_sumsq)
+
+
+def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
+    if len(params):
+        torch.ops.fastsam.restore_(list(params), list(backups))
+
+
+def gsam_reduce(ascent: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
+    if not len(grads):
+        return torch.zeros(2, dtype=torch.float32)
+    return torch.ops.fastsam.gsam_reduce(list(ascent), list(grads))
+
+
+def gsam_combine_(grads: Sequence[Tensor], ascent: Sequence[Tensor], stats: Tensor, alpha: float,
+                  eps: float = 1e-12) -> None:
+    if len(grads):
+        grads = list(grads)
+        torch.ops.fastsam.gsam_combine_(grads, list(ascent), _device_scalar(stats, grads[0]),
+                                        float(alpha), float(eps))
+
+
+def accumulate_(accum: Sequence[Tensor], grads: Sequence[Tensor], scale: float,
+                init: bool = False) -> None:
+    if len(accum):
+        torch.ops.fastsam.accumulate_(list(accum), list(grads), float(scale), bool(init))
+
+
+def _backend(name: str, unavailable_reason) -> Backend:
+    return Backend(name=name, sumsq=sumsq, perturb_=perturb_, restore_=restore_, gsam_reduce=gsam_reduce,
+                   gsam_combine_=gsam_combine_, accumulate_=accumulate_, unavailable_reason=unavailable_reason)
+
+
+CPP = _backend("cpp", _cpp_unavailable_reason)
+CUDA = _backend("cuda", _cuda_unavailable_reason)
