@@ -257,9 +257,13 @@ def run_ops(args, device: torch.device, dtype: torch.dtype, backends: dict, note
                   f"workloads {', '.join(workloads)}; measuring copy bandwidth")
     copy = timer.copy_bandwidth()
     progress.note(f"copy bandwidth: {copy['GBps']:.1f} GB/s")
-    rows = []
-    for w, wb in plan:
-        rows += engine.run_workload(timer, WORKLOADS[w], wb, items, dtype, copy["GBps"], progress)
+    rows: list = []
+    try:
+        for w, wb in plan:
+            for row in engine.iter_workload(timer, WORKLOADS[w], wb, items, dtype, copy["GBps"], progress):
+                rows.append(row)
+    except KeyboardInterrupt:  # e.g. a time limit's SIGINT: keep and report what was measured
+        notes.append(f"INTERRUPTED after {len(rows)} of {progress.total} measurements: results are partial")
     engine.add_speedups(rows)
     env["load_average_end"] = load_average()
     return {"fastsam_bench": 1, "kind": "ops", "environment": env,
@@ -282,9 +286,12 @@ def run_e2e(args, device: torch.device, dtype: torch.dtype, backends: dict, note
     progress = Progress(len(models) * (1 + micro * len(backends)), args.quiet)
     progress.note(f"{PROG} --e2e: {env['device_name']}, {args.dtype}, batch {settings.batch} of "
                   f"{settings.image} px images, backends {', '.join(backends)}")
-    rows = []
-    for m in models:
-        rows += e2e_mod.run_model(e2e_mod.MODELS[m], list(backends), device, dtype, settings, progress)
+    rows: list = []
+    try:
+        for m in models:
+            rows += e2e_mod.run_model(e2e_mod.MODELS[m], list(backends), device, dtype, settings, progress)
+    except KeyboardInterrupt:  # keep the models already measured
+        notes.append(f"INTERRUPTED: {len(rows)} of {progress.total} configurations measured; results are partial")
     env["load_average_end"] = load_average()
     return {"fastsam_bench": 1, "kind": "e2e", "environment": env,
             "settings": {"dtype": args.dtype, "quick": args.quick, "models": models, "backends": list(backends),
@@ -346,7 +353,7 @@ def main(argv=None) -> int:
                 f.write("\n")
         if args.csv:
             write_csv(args.csv, result)
-        if args.plot:
+        if args.plot and result["results"]:
             plot_mod.plot(result, args.plot)
     except (UsageError, plot_mod.PlotUnavailableError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -354,5 +361,7 @@ def main(argv=None) -> int:
     failed = [r for r in result["results"] if r.get("error")]
     if failed:
         print(f"{PROG}: {len(failed)} measurement(s) failed (see FAILED above)", file=sys.stderr)
-        return 1
-    return 0
+    interrupted = any(n.startswith("INTERRUPTED") for n in result["notes"])
+    if interrupted:
+        print(f"{PROG}: interrupted; the results written are partial", file=sys.stderr)
+    return 1 if failed or interrupted else 0

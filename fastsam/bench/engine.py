@@ -300,13 +300,18 @@ def add_speedups(rows: list[dict]) -> None:
 
 def run_workload(timer: Timer, workload, backends: dict, items, dtype: torch.dtype, copy_gbps: float,
                  progress: Optional[Callable[[str], None]] = None) -> list[dict]:
-    """Measure every item with every backend on one workload; rows in backend-major order.
+    """Measure every item with every backend on one workload; rows in backend-major order."""
+    return list(iter_workload(timer, workload, backends, items, dtype, copy_gbps, progress))
+
+
+def iter_workload(timer: Timer, workload, backends: dict, items, dtype: torch.dtype, copy_gbps: float,
+                  progress: Optional[Callable[[str], None]] = None):
+    """Yield one row per (backend, item) as soon as it is measured (so an interrupted run keeps them).
 
     A backend that raises does not end the run: its row carries ``error`` and no timing,
     so that one broken kernel cannot lose the other backends' numbers.
     """
     ts = TensorSet(workload, timer.device, dtype)
-    rows = []
     for backend_name, backend in backends.items():
         for item in items:
             row = {"workload": workload.name, "backend": backend_name, "item": item,
@@ -318,14 +323,14 @@ def run_workload(timer: Timer, workload, backends: dict, items, dtype: torch.dty
             except Exception as exc:  # recorded in the row; the caller decides the exit status
                 row.update({key: None for key in TIMING_KEYS})
                 row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-            rows.append(derive(row, copy_gbps))
+            derive(row, copy_gbps)
             if progress is not None:
                 if row["error"]:
                     progress(f"{workload.name:9s} {backend_name:10s} {item:14s} FAILED: {row['error']}")
                 else:
                     progress(f"{workload.name:9s} {backend_name:10s} {item:14s} {row['median_ms']:10.3f} ms "
                              f"({row['pct_copy_bw']:5.1f}% of copy bw, {row['reps']} reps)")
+            yield row
     del ts
     if timer.device.type == "cuda":
         torch.cuda.empty_cache()
-    return rows

@@ -94,7 +94,8 @@ def environment(device: torch.device) -> dict:
             "device_memory_GiB": round(props.total_memory / 2**30, 1),
         })
     else:
-        env.update({"device_name": f"{env['cpu']} ({env['torch_threads']} threads)", "driver": None})
+        threads = env["torch_threads"]
+        env.update({"device_name": f"{env['cpu']} ({threads} thread{'s' if threads != 1 else ''})", "driver": None})
     return env
 
 

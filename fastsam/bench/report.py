@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -100,7 +101,8 @@ def environment_line(result: dict) -> str:
     return " | ".join(parts)
 
 
-def format_result(result: dict) -> str:
+def format_result(result: dict, brief: bool = False) -> str:
+    """The tables of a run; ``brief``: only the sub-step headlines (ops) or the step table (e2e)."""
     out = [environment_line(result)]
     if result["kind"] == "ops":
         copy = result["copy_bandwidth"]
@@ -111,8 +113,9 @@ def format_result(result: dict) -> str:
             table = headline_table(result, item)
             if table:
                 out += ["", title + ": median ms [% of copy bandwidth]", table]
-        out += ["", "All measurements (median over reps after warm-up; spread = (p80 - p20) / median; "
-                "x ref / x foreach = speed-up)", ops_table(result)]
+        if not brief:
+            out += ["", "All measurements (median over reps after warm-up; spread = (p80 - p20) / median; "
+                    "x ref / x foreach = speed-up)", ops_table(result)]
     else:
         out += ["", "End-to-end training steps (% outside = share of step time outside forward/backward)",
                 e2e_table(result)]
@@ -126,12 +129,22 @@ def format_result(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m fastsam.bench.report RESULT.json", file=sys.stderr)
-        return 2
-    with open(argv[0], encoding="utf-8") as f:
-        print(format_result(json.load(f)))
+    parser = argparse.ArgumentParser(prog="python -m fastsam.bench.report",
+                                     description="Print the tables of a saved fastsam-bench JSON file again.")
+    parser.add_argument("json_file")
+    parser.add_argument("--brief", action="store_true", help="only the headline tables")
+    parser.add_argument("--csv", metavar="FILE", help="also append its rows to a CSV file (as fastsam-bench --csv)")
+    args = parser.parse_args(argv)
+    with open(args.json_file, encoding="utf-8") as f:
+        result = json.load(f)
+    print(format_result(result, brief=args.brief))
+    if args.csv:
+        from fastsam.bench.cli import UsageError, write_csv
+        try:
+            write_csv(args.csv, result)
+        except UsageError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 
