@@ -12,6 +12,9 @@ import os
 import pytest
 import torch
 
+# No GPU: test the triton backend in Triton's CPU interpreter (on before its kernels are defined).
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+
 from fastsam import ops
 
 HAS_CUDA = torch.cuda.is_available()

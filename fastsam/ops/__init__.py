@@ -83,6 +83,7 @@ class Backend:
 _REGISTRY: dict[str, object] = {
     "reference": "fastsam.ops.reference:BACKEND",
     "foreach": "fastsam.ops.foreach:BACKEND",
+    "triton": "fastsam.ops.triton_backend:BACKEND",
     "cpp": "fastsam.ops.compiled:CPP",
     "cuda": "fastsam.ops.compiled:CUDA",
 }
