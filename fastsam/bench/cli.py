@@ -54,8 +54,10 @@ share of step time spent outside forward/backward.
 Defaults: CUDA if available, else CPU; every available backend (on the CPU, triton's
 interpreter mode is left out unless named); workloads resnet50, vit_b16, gpt2, tiny; fp32.
 On the CPU the reference backend is timed only on workloads up to 30M parameters unless
---full is given; a default CPU run takes a few minutes on 2 quiet cores (the big
-workloads alone allocate 1-3 GB each).
+--full is given. A default CPU run takes minutes (measured on a shared 2-core machine under
+heavy load: about 5 minutes for the ops, 5 for --e2e); the big workloads allocate 1-3 GB
+each. --quick, --workloads and --items shorten it. On a busy CPU, --threads 1 gives steadier
+numbers than two threads that wait on each other.
 """
 
 EPILOG = """\
@@ -346,6 +348,7 @@ def main(argv=None) -> int:
             plot_mod.require_matplotlib()  # fail now, not after a long run
         backends, notes = select_backends(args.backends, device, dtype)
         result = (run_e2e if args.e2e else run_ops)(args, device, dtype, backends, notes)
+        result["environment"]["command"] = " ".join([PROG] + list(sys.argv[1:] if argv is None else argv))
         print(report.format_result(result), flush=True)
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:

@@ -300,20 +300,22 @@ def add_speedups(rows: list[dict]) -> None:
 
 def run_workload(timer: Timer, workload, backends: dict, items, dtype: torch.dtype, copy_gbps: float,
                  progress: Optional[Callable[[str], None]] = None) -> list[dict]:
-    """Measure every item with every backend on one workload; rows in backend-major order."""
+    """Measure every item with every backend on one workload."""
     return list(iter_workload(timer, workload, backends, items, dtype, copy_gbps, progress))
 
 
 def iter_workload(timer: Timer, workload, backends: dict, items, dtype: torch.dtype, copy_gbps: float,
                   progress: Optional[Callable[[str], None]] = None):
-    """Yield one row per (backend, item) as soon as it is measured (so an interrupted run keeps them).
+    """Yield one row per (item, backend) as soon as it is measured (so an interrupted run keeps them).
 
-    A backend that raises does not end the run: its row carries ``error`` and no timing,
-    so that one broken kernel cannot lose the other backends' numbers.
+    Item-major order: the backends compared on one item are measured back to back, so a
+    change in machine load between items does not fall on one backend only. A backend
+    that raises does not end the run: its row carries ``error`` and no timing, so that one
+    broken kernel cannot lose the other backends' numbers.
     """
     ts = TensorSet(workload, timer.device, dtype)
-    for backend_name, backend in backends.items():
-        for item in items:
+    for item in items:
+        for backend_name, backend in backends.items():
             row = {"workload": workload.name, "backend": backend_name, "item": item,
                    "dtype": str(dtype).replace("torch.", ""), "numel": ts.numel,
                    "tensors": len(ts.params), "bytes": bytes_moved(item, ts.numel, ts.element_size)}
