@@ -35,8 +35,8 @@ mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd)
-PY=${PYTHON:-python}
-command -v "$PY" >/dev/null 2>&1 || PY=python3
+PY=${PYTHON:-python3}  # on the lent GPU machines, python3 is the interpreter that holds torch
+command -v "$PY" >/dev/null 2>&1 || PY=python
 
 BUDGET=${FASTSAM_GPU_CHECK_BUDGET:-440}
 START=$(date +%s)
@@ -161,18 +161,22 @@ elif [ "$HAS_CUDA" = 1 ]; then
   BENCH_ARGS=(--device cuda)
   E2E_ARGS=(--device cuda)
 fi
+PLOT=1
+"$PY" -c "import matplotlib" >/dev/null 2>&1 || PLOT=0
 for stage in bench e2e; do
   t0=$(date +%s)
+  PLOT_ARGS=()
+  [ "$PLOT" = 1 ] && PLOT_ARGS=(--plot "$OUT/$stage.png")
   if [ "$DRY_RUN" != 1 ] && [ "$HAS_CUDA" != 1 ]; then
     record $stage "no CUDA" 0 "torch sees no CUDA device"
     continue
   fi
   if [ $stage = bench ]; then
     run_limited "$(stage_limit 150 75)" "$OUT/bench.log" "$PY" -m fastsam.bench "${BENCH_ARGS[@]}" \
-      --json "$OUT/bench.json" --plot "$OUT/bench.png"
+      --json "$OUT/bench.json" "${PLOT_ARGS[@]}"
   else
     run_limited "$(stage_limit 90 5)" "$OUT/bench.log" "$PY" -m fastsam.bench --e2e "${E2E_ARGS[@]}" \
-      --json "$OUT/e2e.json" --plot "$OUT/e2e.png"
+      --json "$OUT/e2e.json" "${PLOT_ARGS[@]}"
   fi
   rc=$?
   json="$OUT/$stage.json"
@@ -189,6 +193,7 @@ EOF
   else
     detail="no $stage.json written"
   fi
+  [ "$PLOT" = 1 ] || detail="$detail; no plot (matplotlib missing)"
   record $stage "$(status_of $rc)" $(( $(date +%s) - t0 )) "$detail"
 done
 

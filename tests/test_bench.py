@@ -115,6 +115,15 @@ def test_unavailable_backend_is_a_clear_error(monkeypatch, capsys):
     assert "'fake'" in err and "it was never built" in err and err.count("\n") == 1
 
 
+def test_a_backend_that_fails_to_load_is_left_out_of_a_default_run(monkeypatch, capsys):
+    monkeypatch.setitem(ops._REGISTRY, "broken", "fastsam.no_such_module:BACKEND")
+    backends, notes = cli.select_backends(None, torch.device("cpu"), torch.float32)
+    assert "broken" not in backends and "foreach" in backends
+    assert any("broken left out" in n and "ModuleNotFoundError" in n for n in notes)
+    assert cli.main(QUICK + ["--backends", "broken"]) == 2
+    assert "'broken' failed to load" in capsys.readouterr().err
+
+
 def test_missing_matplotlib_is_a_clear_error(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     assert cli.main(QUICK + ["--plot", str(tmp_path / "p.png")]) == 2

@@ -54,10 +54,10 @@ share of step time spent outside forward/backward.
 Defaults: CUDA if available, else CPU; every available backend (on the CPU, triton's
 interpreter mode is left out unless named); workloads resnet50, vit_b16, gpt2, tiny; fp32.
 On the CPU the reference backend is timed only on workloads up to 30M parameters unless
---full is given. A default CPU run takes minutes (measured on a shared 2-core machine under
-heavy load: about 5 minutes for the ops, 5 for --e2e); the big workloads allocate 1-3 GB
-each. --quick, --workloads and --items shorten it. On a busy CPU, --threads 1 gives steadier
-numbers than two threads that wait on each other.
+--full is given. A default CPU run takes minutes: measured on a shared 2-core machine
+under load 5-8, about 5 min for the ops and 5 for --e2e with two threads, 2 and 1 with
+--threads 1 (on a busy CPU, two threads waiting on each other are slow and erratic). The
+big workloads allocate 1-3 GB each. --quick, --workloads and --items shorten a run.
 """
 
 EPILOG = """\
@@ -128,11 +128,30 @@ def _split(spec: str) -> list[str]:
     return [s.strip() for s in spec.split(",") if s.strip()]
 
 
+def _available(device: torch.device, notes: list) -> list[str]:
+    """ops.available_backends(device); if a registered backend fails to even load, the others
+    are still found (and the failure noted), so one broken module cannot stop a whole run."""
+    try:
+        return ops.available_backends(device)
+    except Exception:
+        pass
+    names = []
+    for name in ops.backend_names():
+        try:
+            ops.get_backend(name, device)
+            names.append(name)
+        except ops.BackendUnavailableError:
+            continue
+        except Exception as exc:
+            notes.append(f"{name} left out: it failed to load ({type(exc).__name__}: {exc})".splitlines()[0])
+    return names
+
+
 def select_backends(spec: Optional[str], device: torch.device, dtype: torch.dtype) -> tuple[dict, list[str]]:
     """{name: Backend} to time, and notes on the backends left out by default."""
     notes = []
     if spec is None:
-        names = ops.available_backends(device)
+        names = _available(device, notes)
         if device.type == "cpu" and "triton" in names:
             names.remove("triton")
             notes.append("triton left out: on the CPU it runs only in the interpreter (TRITON_INTERPRET=1), "
@@ -151,6 +170,8 @@ def select_backends(spec: Optional[str], device: torch.device, dtype: torch.dtyp
             backend = ops.get_backend(name, device)
         except ops.BackendUnavailableError as exc:
             raise UsageError(str(exc)) from None
+        except Exception as exc:  # the backend's module itself is broken
+            raise UsageError(f"backend {name!r} failed to load: {type(exc).__name__}: {exc}".splitlines()[0]) from None
         supported = getattr(backend, "dtypes", None)
         if supported is not None and dtype not in supported:
             if spec is not None:
