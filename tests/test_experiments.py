@@ -91,6 +91,24 @@ def test_method_subset_without_m_study(tmp_path):
     assert results["meta"]["args"]["dataset"] == "digits"
 
 
+def test_rho_grid_override(tmp_path):
+    out = str(tmp_path / "out")
+    compare.main(["--quick", "--out", out, "--epochs", "1", "--seeds", "1", "--n-train", "64", "--n-val", "32",
+                  "--n-test", "32", "--batch-size", "32", "--methods", "GSAM", "--no-m-study", "--tune",
+                  "--rho-grid", "SAM=0.01,0.03", "--hessian-examples", "16", "--hessian-iters", "2", "--quiet"])
+    results = json.load(open(os.path.join(out, "results.json"), encoding="utf-8"))
+    # GSAM is tuned on SAM's grid, here replaced
+    assert sorted((r["method"], r["rho"]) for r in results["tuning"]) == [("SAM", 0.01), ("SAM", 0.03)]
+    assert results["runs"][0]["rho"] in (0.01, 0.03)
+    assert results["meta"]["hyperparameters"]["rho_grids"]["SAM"] == [0.01, 0.03]
+
+
+@pytest.mark.parametrize("entry", ["GSAM=0.1", "SAM=", "SAM=0.1,-1", "SAM=x"])
+def test_bad_rho_grid_is_refused(tmp_path, entry):
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--quick", "--out", str(tmp_path), "--rho-grid", entry])
+
+
 def test_unknown_method_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         compare.main(["--quick", "--out", str(tmp_path), "--methods", "SAM,Adam"])

@@ -242,6 +242,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     tune.add_argument("--tune", dest="tune", action="store_true", default=None,
                       help="pick rho per configuration from its grid by validation accuracy (full: on)")
     tune.add_argument("--no-tune", dest="tune", action="store_false", help="use each grid's first rho")
+    parser.add_argument("--rho-grid", action="append", default=[], metavar="METHOD=R1,R2,...",
+                        help="replace a method's rho grid (repeatable); defaults: "
+                             + "; ".join(f"{k}={','.join(map(str, v))}" for k, v in RHO_GRIDS.items()))
     parser.add_argument("--tune-seed", type=int, default=100, help="seed of the tuning runs (not an eval seed)")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--momentum", type=float, default=0.9)
@@ -264,6 +267,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.rho_grids = {k: list(v) for k, v in RHO_GRIDS.items()}
+    for entry in args.rho_grid:
+        method, _, values = entry.partition("=")
+        if method not in RHO_GRIDS:
+            parser.error(f"--rho-grid: {method!r} has no grid of its own; choose from {','.join(RHO_GRIDS)}")
+        try:
+            grid = [float(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            grid = []
+        if not grid or any(not (v >= 0 and math.isfinite(v)) for v in grid):
+            parser.error(f"--rho-grid {entry!r}: expected METHOD=R1,R2,... with finite rho >= 0")
+        args.rho_grids[method] = grid
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
@@ -300,10 +315,10 @@ def main(argv=None) -> int:
 
     tuning: list[dict] = []
     sources = list(dict.fromkeys(rho_source(method) for method in args.methods if rho_source(method)))
-    rho = {source: RHO_GRIDS[source][0] for source in sources}
+    rho = {source: args.rho_grids[source][0] for source in sources}
     if args.tune:  # at the main m only; the m study reuses that rho (same radius, other m)
         specs = [RunSpec(source, args.micro_batch, candidate, args.tune_seed, "tune")
-                 for source in sources for candidate in RHO_GRIDS[source]]
+                 for source in sources for candidate in args.rho_grids[source]]
         tuning = run_all(specs, dataset, hp, args.jobs, "tune")
         for source in sources:  # highest validation accuracy; ties go to the smaller rho
             best = max((r for r in tuning if r["method"] == source), key=lambda r: (r["val_acc"], -r["rho"]))
@@ -321,7 +336,7 @@ def main(argv=None) -> int:
                     base="SGD", lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                     schedule="cosine to 0 per step", gsam_alpha=GSAM_ALPHA,
                     gsam_rho_min_fraction=GSAM_RHO_MIN_FRACTION, asam_eta=ASAM_ETA, obf_C=OBF_C,
-                    obf_gamma=OBF_GAMMA, rho_grids={k: list(v) for k, v in RHO_GRIDS.items()}, rho_from=RHO_FROM,
+                    obf_gamma=OBF_GAMMA, rho_grids=args.rho_grids, rho_from=RHO_FROM,
                     chosen_rho={config_name(*k): v for k, v in chosen.items()}),
                 machine=dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
                              cpus=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
