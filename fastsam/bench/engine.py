@@ -237,17 +237,18 @@ class Timer:
         return Timing(tuple(times))
 
     def _time_cuda(self, fn, reps: int) -> list[float]:
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        self.sync()
-        for start, end in zip(starts, ends):
-            if self._flush is not None:
-                self._flush.zero_()
-            start.record()
-            fn()
-            end.record()
-        self.sync()
-        return [start.elapsed_time(end) for start, end in zip(starts, ends)]
+        with torch.cuda.device(self.device):  # events and flush on the measured device's stream
+            starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+            ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+            self.sync()
+            for start, end in zip(starts, ends):
+                if self._flush is not None:
+                    self._flush.zero_()
+                start.record()
+                fn()
+                end.record()
+            self.sync()
+            return [start.elapsed_time(end) for start, end in zip(starts, ends)]
 
     def _time_host(self, fn, reps: int) -> list[float]:
         times = []
