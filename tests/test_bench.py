@@ -8,6 +8,7 @@ and the pytest-benchmark suite on a quiet machine).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import sys
@@ -174,10 +175,18 @@ def test_workload_shapes_match_the_published_parameter_counts():
 
 
 def test_timer_measures_what_it_times():
-    s = engine.Settings(warmup_calls=1, warmup_s=0.0, budget_s=0.02, min_reps=3, max_reps=5, flush_mib=0, copy_mib=1)
-    timing = Timer("cpu", settings=s).measure(lambda: time.sleep(0.004))
+    s = engine.Settings(warmup_calls=2, warmup_s=0.0, warmup_cap_s=0.0, budget_s=0.02, min_reps=3, max_reps=5,
+                        max_time_s=10.0, flush_mib=0, copy_mib=1)
+    calls = []
+    timing = Timer("cpu", settings=s).measure(lambda: calls.append(time.sleep(0.004)))
     assert 3 <= timing.reps <= 5
+    assert len(calls) == timing.reps + 2  # two warm-up calls, then the timed ones
     assert 4.0 <= timing.min_ms <= timing.median_ms < 200.0
+
+    # Slow calls: min_reps gives way to max_time_s, but never below 3 repetitions.
+    slow = dataclasses.replace(s, min_reps=10, max_reps=100, max_time_s=0.05)
+    reps, estimate = Timer("cpu", settings=slow).calibrate(lambda: time.sleep(0.01))
+    assert estimate >= 0.01 and reps == max(3, int(0.05 / estimate))
     assert quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.2) == pytest.approx(1.8)
     assert quantile([3.0, 1.0, 2.0], 0.5) == 2.0
 

@@ -110,26 +110,30 @@ def make_call(item: str, backend, ts: TensorSet) -> Callable[[], object]:
 class Settings:
     """How long to warm up and how many repetitions to time."""
 
-    warmup_calls: int
-    warmup_s: float
-    budget_s: float
-    min_reps: int
-    max_reps: int
+    warmup_calls: int  # warm up with at least this many calls ...
+    warmup_s: float  # ... and for at least this long,
+    warmup_cap_s: float  # but stop after this long once min(2, warmup_calls) calls are done
+    budget_s: float  # timed repetitions: as many as fill this time,
+    min_reps: int  # at least this many,
+    max_reps: int  # at most this many,
+    max_time_s: float  # and fewer (never below 3) where min_reps would take longer than this
     flush_mib: int  # L2 flush buffer written before each timed call (0 = none)
     copy_mib: int  # size of each buffer of the copy-bandwidth measurement
 
     @staticmethod
     def for_device(device: torch.device, quick: bool = False) -> "Settings":
         if device.type == "cuda":
+            # A per-tensor loop over 4096 tensors (reference on 'tiny') takes ~0.1-2 s per
+            # call on a GPU: max_time_s keeps such a measurement to a few seconds.
             if quick:
-                return Settings(2, 0.005, 0.02, 5, 100, 256, 256)
-            return Settings(3, 0.025, 0.1, 10, 1000, 256, 1024)
+                return Settings(2, 0.005, 0.2, 0.02, 5, 100, 0.5, 256, 256)
+            return Settings(3, 0.025, 0.5, 0.1, 10, 1000, 1.0, 256, 1024)
         # CPU: ops on 100M parameters take seconds here, so few repetitions (never fewer
         # than 3, for a median and a spread) and no cache flush (a few MiB of flush cannot
         # empty a server CPU's caches; see benchmarks/README.md on the tiny workload).
         if quick:
-            return Settings(1, 0.0, 0.02, 2, 20, 0, 64)
-        return Settings(1, 0.05, 0.3, 3, 200, 0, 256)
+            return Settings(1, 0.0, 0.0, 0.02, 2, 20, 1.0, 0, 64)
+        return Settings(1, 0.05, 0.5, 0.3, 3, 200, 3.0, 0, 256)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,19 +210,30 @@ class Timer:
         return time.perf_counter() - start
 
     def calibrate(self, fn: Callable[[], object]) -> tuple[int, float]:
-        """Warm ``fn`` up; return (repetitions to time, estimated seconds per call)."""
+        """Warm ``fn`` up; return (repetitions to time, estimated seconds per call).
+
+        The first call may include one-off work (a JIT compile, first-touch page faults):
+        where ``warmup_calls`` >= 2 (the GPU settings) at least two calls are made, and
+        the estimate comes from the later half of the warm-up calls.
+        """
         s = self.settings
         self.sync()
-        times = []
+        times: list[float] = []
         started = time.perf_counter()
-        while len(times) < s.warmup_calls or time.perf_counter() - started < s.warmup_s:
+        while True:
             times.append(self._synced_call_s(fn))
-            if len(times) >= 1000:
+            elapsed = time.perf_counter() - started
+            if len(times) < min(2, s.warmup_calls):
+                continue
+            enough_calls = len(times) >= s.warmup_calls or elapsed >= s.warmup_cap_s
+            if (enough_calls and elapsed >= s.warmup_s) or len(times) >= 1000:
                 break
-        # The last warm-up calls are the closest to the steady state.
-        estimate = quantile(times[-max(1, len(times) // 2):], 0.5)
+        estimate = quantile(times[len(times) // 2:], 0.5)
         reps = int(s.budget_s / estimate) if estimate > 0 else s.max_reps
-        return max(s.min_reps, min(s.max_reps, reps)), estimate
+        reps = max(s.min_reps, min(s.max_reps, reps))
+        if estimate > 0 and reps * estimate > s.max_time_s:
+            reps = max(min(3, reps), min(reps, int(s.max_time_s / estimate)))
+        return reps, estimate
 
     def measure(self, fn: Callable[[], object], reps: Optional[int] = None) -> Timing:
         """Warm up (unless ``reps`` is given), then time ``reps`` calls one by one."""
