@@ -370,7 +370,7 @@ def main(argv=None) -> int:
         backends, notes = select_backends(args.backends, device, dtype)
         result = (run_e2e if args.e2e else run_ops)(args, device, dtype, backends, notes)
         result["environment"]["command"] = " ".join([PROG] + list(sys.argv[1:] if argv is None else argv))
-        print(report.format_result(result), flush=True)
+        # Files first: a reader that closes the pipe early (| head) must not lose them.
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(_clean(result), f, indent=1)
@@ -379,6 +379,10 @@ def main(argv=None) -> int:
             write_csv(args.csv, result)
         if args.plot and result["results"]:
             plot_mod.plot(result, args.plot)
+        try:
+            print(report.format_result(result), flush=True)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
     except (UsageError, plot_mod.PlotUnavailableError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
