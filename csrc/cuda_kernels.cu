@@ -131,7 +131,6 @@ void with_dtype(Dtype dtype, F&& f) {
     case Dtype::kFloat: f(float{}); break;
     case Dtype::kHalf: f(c10::Half{}); break;
     case Dtype::kBFloat16: f(c10::BFloat16{}); break;
-    case Dtype::kDouble: f(double{}); break;
   }
 }
 
@@ -143,7 +142,7 @@ int64_t planned_blocks(const std::vector<int64_t>& numels) {
   return blocks;
 }
 
-void launch_sumsq(Dtype dtype, int b, const DeviceLists& lists, float* partials, float eta, Stream stream) {
+void launch_sumsq(Dtype dtype, int b, const FlatLists& lists, float* partials, float eta, Stream stream) {
   with_dtype(dtype, [&](auto zero) {
     using T = decltype(zero);
     if (b == 0) {
@@ -154,7 +153,7 @@ void launch_sumsq(Dtype dtype, int b, const DeviceLists& lists, float* partials,
   });
 }
 
-void launch_perturb(Dtype dtype, int a, int ascent_mode, const DeviceLists& lists, const float* sumsq,
+void launch_perturb(Dtype dtype, int a, int ascent_mode, const FlatLists& lists, const float* sumsq,
                     const float* ascent_sumsq, float rho, float eta, float eps, Stream stream) {
   TORCH_CHECK(a >= 0 && a <= 2 && ascent_mode >= 0 && ascent_mode <= 2, "launch_perturb: bad a or mode");
   with_dtype(dtype, [&](auto zero) {
@@ -169,30 +168,29 @@ void launch_perturb(Dtype dtype, int a, int ascent_mode, const DeviceLists& list
   });
 }
 
-void launch_restore(int element_size, const DeviceLists& lists, Stream stream) {
+void launch_restore(int element_size, const FlatLists& lists, Stream stream) {
   // a bit copy: one kernel per element size, not per dtype
   switch (element_size) {
     case 2: multi_tensor_apply<2>(lists, RestoreOp<uint16_t>{}, stream); break;
     case 4: multi_tensor_apply<2>(lists, RestoreOp<uint32_t>{}, stream); break;
-    case 8: multi_tensor_apply<2>(lists, RestoreOp<uint64_t>{}, stream); break;
     default: TORCH_CHECK(false, "fastsam.restore_: unsupported element size ", element_size);
   }
 }
 
-void launch_gsam_reduce(Dtype dtype, const DeviceLists& lists, float* partials, Stream stream) {
+void launch_gsam_reduce(Dtype dtype, const FlatLists& lists, float* partials, Stream stream) {
   with_dtype(dtype, [&](auto zero) {
     multi_tensor_apply<2>(lists, GsamReduceOp<decltype(zero)>{partials}, stream);
   });
 }
 
-void launch_gsam_combine(Dtype dtype, const DeviceLists& lists, const float* stats, float alpha, float eps,
+void launch_gsam_combine(Dtype dtype, const FlatLists& lists, const float* stats, float alpha, float eps,
                          Stream stream) {
   with_dtype(dtype, [&](auto zero) {
     multi_tensor_apply<2>(lists, GsamCombineOp<decltype(zero)>{stats, alpha, eps}, stream);
   });
 }
 
-void launch_accumulate(Dtype dtype, bool init, const DeviceLists& lists, float scale, Stream stream) {
+void launch_accumulate(Dtype dtype, bool init, const FlatLists& lists, float scale, Stream stream) {
   with_dtype(dtype, [&](auto zero) {
     using T = decltype(zero);
     if (init) {

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "flat_lists.h"
+
 struct CUstream_st;  // = cudaStream_t
 
 namespace fastsam {
@@ -15,28 +17,20 @@ namespace cuda {
 
 using Stream = CUstream_st*;
 
-enum class Dtype { kFloat, kHalf, kBFloat16, kDouble };
-
-// Up to four parallel lists of flat device arrays (addresses[list][tensor]), all of one
-// dtype, with one length per tensor position.
-struct DeviceLists {
-  int depth = 0;
-  std::vector<void*> addresses[4];
-  std::vector<int64_t> numels;
-};
+enum class Dtype { kFloat, kHalf, kBFloat16 };
 
 // Partials one reduction writes: one per planned block (plan.h), `width` floats each.
 int64_t planned_blocks(const std::vector<int64_t>& numels);
 
-void launch_sumsq(Dtype dtype, int b, const DeviceLists& lists, float* partials, float eta, Stream stream);
+void launch_sumsq(Dtype dtype, int b, const FlatLists& lists, float* partials, float eta, Stream stream);
 // ascent_mode: 0 none, 1 raw copy of g, 2 g / (sqrt(*ascent_sumsq) + eps)
-void launch_perturb(Dtype dtype, int a, int ascent_mode, const DeviceLists& lists, const float* sumsq,
+void launch_perturb(Dtype dtype, int a, int ascent_mode, const FlatLists& lists, const float* sumsq,
                     const float* ascent_sumsq, float rho, float eta, float eps, Stream stream);
-void launch_restore(int element_size, const DeviceLists& lists, Stream stream);
-void launch_gsam_reduce(Dtype dtype, const DeviceLists& lists, float* partials, Stream stream);
-void launch_gsam_combine(Dtype dtype, const DeviceLists& lists, const float* stats, float alpha, float eps,
+void launch_restore(int element_size, const FlatLists& lists, Stream stream);
+void launch_gsam_reduce(Dtype dtype, const FlatLists& lists, float* partials, Stream stream);
+void launch_gsam_combine(Dtype dtype, const FlatLists& lists, const float* stats, float alpha, float eps,
                          Stream stream);
-void launch_accumulate(Dtype dtype, bool init, const DeviceLists& lists, float scale, Stream stream);
+void launch_accumulate(Dtype dtype, bool init, const FlatLists& lists, float scale, Stream stream);
 // Second phase of a reduction: out[0..width) = sums of the `count` partials.
 void launch_finish_sum(int width, const float* partials, int64_t count, float* out, Stream stream);
 

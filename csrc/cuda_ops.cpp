@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "boxed.h"
 #include "cuda_launch.h"
 #include "tensor_lists.h"
 
@@ -19,21 +20,8 @@ Dtype dtype_of(at::ScalarType t) {
     case at::kFloat: return Dtype::kFloat;
     case at::kHalf: return Dtype::kHalf;
     case at::kBFloat16: return Dtype::kBFloat16;
-    case at::kDouble: return Dtype::kDouble;
     default: TORCH_CHECK(false, "fastsam: unsupported dtype ", t);
   }
-}
-
-DeviceLists device_lists(const PreparedLists& prep) {
-  DeviceLists out;
-  out.depth = static_cast<int>(prep.lists.size());
-  TORCH_CHECK(out.depth <= 4, "fastsam: at most four tensor lists per op");
-  for (int d = 0; d < out.depth; ++d) {
-    out.addresses[d].reserve(prep.size());
-    for (const at::Tensor& t : prep.lists[d]) out.addresses[d].push_back(t.data_ptr());
-  }
-  out.numels = prep.numels;
-  return out;
 }
 
 Stream current_stream(const PreparedLists& prep) {
@@ -44,7 +32,7 @@ at::Tensor floats(at::IntArrayRef shape, at::Device device) {
   return at::empty(shape, at::TensorOptions().dtype(at::kFloat).device(device));
 }
 
-at::Tensor sumsq_cuda(at::TensorList tensors, at::TensorList params, int64_t b, double eta) {
+at::Tensor sumsq_cuda(TensorRefs tensors, TensorRefs params, int64_t b, double eta) {
   check_exponent("sumsq", "b", b, 1);
   TORCH_CHECK(b == 0 || params.size() == tensors.size(),
               "fastsam.sumsq: b > 0 needs one parameter per tensor (T = |w| + eta)");
@@ -54,17 +42,17 @@ at::Tensor sumsq_cuda(at::TensorList tensors, at::TensorList params, int64_t b, 
                                                         {"params", params, Access::Read}});
   const c10::cuda::CUDAGuard guard(prep.device);
   const Stream stream = current_stream(prep);
-  const int64_t blocks = planned_blocks(prep.numels);
+  const int64_t blocks = planned_blocks(prep.flat.numels);
   at::Tensor partials = floats({blocks}, prep.device);
   at::Tensor out = floats({}, prep.device);
-  launch_sumsq(dtype_of(prep.dtype), static_cast<int>(b), device_lists(prep), partials.data_ptr<float>(),
+  launch_sumsq(dtype_of(prep.dtype), static_cast<int>(b), prep.flat, partials.data_ptr<float>(),
                static_cast<float>(eta), stream);
   launch_finish_sum(1, partials.data_ptr<float>(), blocks, out.data_ptr<float>(), stream);
   return out;
 }
 
-void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& sumsq,
-                  double rho, int64_t a, double eta, double eps, at::TensorList ascent,
+void perturb_cuda(TensorRefs params, TensorRefs grads, TensorRefs backups, const at::Tensor& sumsq,
+                  double rho, int64_t a, double eta, double eps, TensorRefs ascent,
                   const std::optional<at::Tensor>& ascent_sumsq) {
   check_exponent("perturb_", "a", a, 2);
   if (params.empty()) return;
@@ -78,53 +66,53 @@ void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList ba
   const at::Tensor s = scalar_on("perturb_", "sumsq", sumsq, prep.device, 1);
   const int mode = !with_ascent ? 0 : ascent_sumsq.has_value() ? 2 : 1;
   const at::Tensor as = mode == 2 ? scalar_on("perturb_", "ascent_sumsq", *ascent_sumsq, prep.device, 1) : s;
-  launch_perturb(dtype_of(prep.dtype), static_cast<int>(a), mode, device_lists(prep), s.data_ptr<float>(),
+  launch_perturb(dtype_of(prep.dtype), static_cast<int>(a), mode, prep.flat, s.data_ptr<float>(),
                  as.data_ptr<float>(), static_cast<float>(rho), static_cast<float>(eta), static_cast<float>(eps),
                  current_stream(prep));
   prep.write_back();
 }
 
-void restore_cuda(at::TensorList params, at::TensorList backups) {
+void restore_cuda(TensorRefs params, TensorRefs backups) {
   if (params.empty()) return;
   PreparedLists prep =
       prepare_lists("restore_", {{"params", params, Access::Write}, {"backups", backups, Access::Read}});
   const c10::cuda::CUDAGuard guard(prep.device);
-  launch_restore(static_cast<int>(c10::elementSize(prep.dtype)), device_lists(prep), current_stream(prep));
+  launch_restore(static_cast<int>(c10::elementSize(prep.dtype)), prep.flat, current_stream(prep));
   prep.write_back();
 }
 
-at::Tensor gsam_reduce_cuda(at::TensorList ascent, at::TensorList grads) {
+at::Tensor gsam_reduce_cuda(TensorRefs ascent, TensorRefs grads) {
   TORCH_CHECK(!grads.empty(), "fastsam.gsam_reduce: empty list (the Python wrapper answers it)");
   PreparedLists prep =
       prepare_lists("gsam_reduce", {{"ascent", ascent, Access::Read}, {"grads", grads, Access::Read}});
   const c10::cuda::CUDAGuard guard(prep.device);
   const Stream stream = current_stream(prep);
-  const int64_t blocks = planned_blocks(prep.numels);
+  const int64_t blocks = planned_blocks(prep.flat.numels);
   at::Tensor partials = floats({2 * blocks}, prep.device);
   at::Tensor out = floats({2}, prep.device);
-  launch_gsam_reduce(dtype_of(prep.dtype), device_lists(prep), partials.data_ptr<float>(), stream);
+  launch_gsam_reduce(dtype_of(prep.dtype), prep.flat, partials.data_ptr<float>(), stream);
   launch_finish_sum(2, partials.data_ptr<float>(), blocks, out.data_ptr<float>(), stream);
   return out;
 }
 
-void gsam_combine_cuda(at::TensorList grads, at::TensorList ascent, const at::Tensor& stats, double alpha,
+void gsam_combine_cuda(TensorRefs grads, TensorRefs ascent, const at::Tensor& stats, double alpha,
                        double eps) {
   if (grads.empty()) return;
   PreparedLists prep =
       prepare_lists("gsam_combine_", {{"grads", grads, Access::ReadWrite}, {"ascent", ascent, Access::Read}});
   const c10::cuda::CUDAGuard guard(prep.device);
   const at::Tensor s = scalar_on("gsam_combine_", "stats", stats, prep.device, 2);
-  launch_gsam_combine(dtype_of(prep.dtype), device_lists(prep), s.data_ptr<float>(), static_cast<float>(alpha),
+  launch_gsam_combine(dtype_of(prep.dtype), prep.flat, s.data_ptr<float>(), static_cast<float>(alpha),
                       static_cast<float>(eps), current_stream(prep));
   prep.write_back();
 }
 
-void accumulate_cuda(at::TensorList accum, at::TensorList grads, double scale, bool init) {
+void accumulate_cuda(TensorRefs accum, TensorRefs grads, double scale, bool init) {
   if (accum.empty()) return;
   PreparedLists prep = prepare_lists(
       "accumulate_", {{"accum", accum, init ? Access::Write : Access::ReadWrite}, {"grads", grads, Access::Read}});
   const c10::cuda::CUDAGuard guard(prep.device);
-  launch_accumulate(dtype_of(prep.dtype), init, device_lists(prep), static_cast<float>(scale), current_stream(prep));
+  launch_accumulate(dtype_of(prep.dtype), init, prep.flat, static_cast<float>(scale), current_stream(prep));
   prep.write_back();
 }
 
@@ -133,10 +121,10 @@ void accumulate_cuda(at::TensorList accum, at::TensorList grads, double scale, b
 }  // namespace fastsam
 
 TORCH_LIBRARY_IMPL(fastsam, CUDA, m) {
-  m.impl("sumsq", &fastsam::cuda::sumsq_cuda);
-  m.impl("perturb_", &fastsam::cuda::perturb_cuda);
-  m.impl("restore_", &fastsam::cuda::restore_cuda);
-  m.impl("gsam_reduce", &fastsam::cuda::gsam_reduce_cuda);
-  m.impl("gsam_combine_", &fastsam::cuda::gsam_combine_cuda);
-  m.impl("accumulate_", &fastsam::cuda::accumulate_cuda);
+  m.impl("sumsq", fastsam::boxed<&fastsam::cuda::sumsq_cuda>());
+  m.impl("perturb_", fastsam::boxed<&fastsam::cuda::perturb_cuda>());
+  m.impl("restore_", fastsam::boxed<&fastsam::cuda::restore_cuda>());
+  m.impl("gsam_reduce", fastsam::boxed<&fastsam::cuda::gsam_reduce_cuda>());
+  m.impl("gsam_combine_", fastsam::boxed<&fastsam::cuda::gsam_combine_cuda>());
+  m.impl("accumulate_", fastsam::boxed<&fastsam::cuda::accumulate_cuda>());
 }

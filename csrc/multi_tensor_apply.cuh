@@ -64,7 +64,7 @@ inline void check_launch(const char* what) {
 
 // Launches op over lists.addresses[0..Depth) (tensors already checked and laid out flat).
 template <int Depth, typename Op>
-void multi_tensor_apply(const DeviceLists& lists, const Op& op, cudaStream_t stream) {
+void multi_tensor_apply(const FlatLists& lists, const Op& op, cudaStream_t stream) {
   TORCH_CHECK(lists.depth == Depth, "multi_tensor_apply: expected ", Depth, " lists, got ", lists.depth);
   const auto launches =
       plan_launches(lists.numels, kCudaChunkSize, TensorListMeta<Depth>::kMaxTensors, kCudaMaxBlocks);

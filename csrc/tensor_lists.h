@@ -10,37 +10,56 @@
 // fast for the layouts optimizers actually hold.
 #pragma once
 
+#include <ATen/core/ivalue.h>
 #include <ATen/core/Tensor.h>
 
 #include <initializer_list>
 #include <utility>
 #include <vector>
 
+#include "flat_lists.h"
+
 namespace fastsam {
 
 enum class Access { Read, Write, ReadWrite };
 
+// A Tensor[] argument viewed where it lies on the dispatcher's stack (see boxed.h): no
+// tensor handle is copied.
+class TensorRefs {
+ public:
+  explicit TensorRefs(c10::ArrayRef<c10::IValue> items) : items_(items) {}
+  size_t size() const { return items_.size(); }
+  bool empty() const { return items_.empty(); }
+  const at::Tensor& operator[](size_t i) const { return items_[i].toTensor(); }
+
+ private:
+  c10::ArrayRef<c10::IValue> items_;
+};
+
 struct ListArg {
   const char* name;
-  at::TensorList tensors;
+  TensorRefs tensors;
   Access access;
 };
 
+// The flat arrays an op's kernels walk, in list order: the caller's memory where the
+// layout allows, staged stand-ins elsewhere. Only raw addresses are kept for the caller's
+// tensors (copying the handles of thousands of tensors costs an atomic reference count
+// each, plus the GIL when Python owns them: ~4% of a 4096-tensor call in `perf`).
 class PreparedLists {
  public:
-  // lists[l][i]: the tensors the kernels walk flat (the caller's, or staged stand-ins).
-  std::vector<std::vector<at::Tensor>> lists;
-  std::vector<int64_t> numels;
+  FlatLists flat;
   at::Device device{at::kCPU};
   at::ScalarType dtype = at::kFloat;
 
-  size_t size() const { return numels.size(); }
+  size_t size() const { return flat.size(); }
   // Copy staged results into the caller's tensors (call after the kernels were queued).
   void write_back();
 
  private:
   friend PreparedLists prepare_lists(const char*, std::initializer_list<ListArg>);
   std::vector<std::pair<at::Tensor, at::Tensor>> write_backs_;  // (caller's tensor, stand-in)
+  std::vector<at::Tensor> stand_ins_;                           // keeps read-only stand-ins alive
 };
 
 // Checks that the lists have equal lengths, that all tensors share one device and one

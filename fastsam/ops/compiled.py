@@ -136,9 +136,15 @@ def accumulate_(accum: Sequence[Tensor], grads: Sequence[Tensor], scale: float,
         torch.ops.fastsam.accumulate_(list(accum), list(grads), float(scale), bool(init))
 
 
+# The kernels compute in fp32; the contract computes float64 tensors in fp64, which
+# "auto" then leaves to foreach.
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _backend(name: str, unavailable_reason) -> Backend:
     return Backend(name=name, sumsq=sumsq, perturb_=perturb_, restore_=restore_, gsam_reduce=gsam_reduce,
-                   gsam_combine_=gsam_combine_, accumulate_=accumulate_, unavailable_reason=unavailable_reason)
+                   gsam_combine_=gsam_combine_, accumulate_=accumulate_, unavailable_reason=unavailable_reason,
+                   dtypes=DTYPES)
 
 
 CPP = _backend("cpp", _cpp_unavailable_reason)

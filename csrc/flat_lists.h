@@ -1,0 +1,25 @@
+// Up to four parallel lists of flat arrays (one address per list and tensor position)
+// with one length per position: what the CPU loops and the CUDA launcher walk. Plain
+// pointers only, so the CUDA kernels' translation unit needs no torch headers.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace fastsam {
+
+constexpr int kMaxLists = 4;
+
+struct FlatLists {
+  int depth = 0;
+  std::vector<void*> addresses[kMaxLists];  // addresses[list][position]
+  std::vector<int64_t> numels;              // numels[position]
+
+  size_t size() const { return numels.size(); }
+  template <typename T>
+  T* at(int list, size_t position) const {
+    return static_cast<T*>(addresses[list][position]);
+  }
+};
+
+}  // namespace fastsam
