@@ -5,6 +5,7 @@ added here by ``extension_modules()``; install with ``--no-build-isolation`` so 
 compiled against the torch that will run them (README.md, BUILD-NOTES).
 """
 
+import functools
 import glob
 import os
 import shlex
@@ -50,6 +51,7 @@ def _is_cuda_toolkit(root):
     return any(glob.glob(os.path.join(root, p)) for p in patterns)
 
 
+@functools.lru_cache(maxsize=None)
 def find_cuda_home():
     """The CUDA toolkit root to build with, or None.
 
@@ -68,6 +70,10 @@ def find_cuda_home():
     candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
     for root in candidates:
         if _is_cuda_toolkit(root):
+            if candidates[:1] and root != candidates[0] and candidates[0] in (os.environ.get("CUDA_HOME"),
+                                                                          os.environ.get("CUDA_PATH")):
+                _note(f"{candidates[0]} (from CUDA_HOME/CUDA_PATH) lacks nvcc, cuda_runtime.h or libcudart; "
+                      f"using {root}")
             return root
     return None
 

@@ -46,10 +46,20 @@ struct alignas(sizeof(T) * kIlp) Pack {
   T v[kIlp];
 };
 
+// The ops take the launch argument by reference. Today everything inlines and ptxas -v
+// reports no stack frame for any kernel with or without it; __grid_constant__ keeps the
+// ~3 KiB struct read in place (not copied to local memory) should an op stop inlining.
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 11 || (__CUDACC_VER_MAJOR__ == 11 && __CUDACC_VER_MINOR__ >= 7))
+#define FASTSAM_GRID_CONSTANT __grid_constant__
+#else
+#define FASTSAM_GRID_CONSTANT
+#endif
+
 // One block per planned chunk: op(meta, slot, begin, n, block) handles elements
 // [begin, begin + n) of the tensors in `slot`; `block` is its global index.
 template <int Depth, typename Op>
-__global__ void __launch_bounds__(kCudaBlockThreads) multi_tensor_kernel(TensorListMeta<Depth> meta, Op op) {
+__global__ void __launch_bounds__(kCudaBlockThreads)
+    multi_tensor_kernel(const FASTSAM_GRID_CONSTANT TensorListMeta<Depth> meta, const Op op) {
   const int slot = meta.block_slot[blockIdx.x];
   const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kCudaChunkSize;
   const int64_t remaining = meta.numels[slot] - begin;
