@@ -40,38 +40,44 @@ _nbytes = _T.nbytes.__get__  # unbound getter: map(_nbytes, tensors) gives each 
 class LaunchConfig:
     """Sizes of the launches.
 
-    ``block_bytes``: bytes of the first role's dtype each program covers (4096 fp32 or
-    8192 bf16/fp16 elements on a GPU: 16 elements, four 128-bit accesses, per thread of
-    8 warps). ``min_block_bytes``: if set, lists with fewer elements than a block get a
-    smaller power-of-two block, down to this size. The interpreter pays per program and
-    per lane (masked lanes too), so there blocks are large and shrink for small lists; on
-    a GPU the block stays fixed (each block size is another compilation).
+    ``block_bytes``: bytes of the first role's dtype that a chunk program covers (4096
+    fp32 or 8192 bf16/fp16 elements on a GPU: per thread of 8 warps, four 128-bit
+    accesses per tensor). ``lanes``: elements per lane program (1024 on a GPU: lanes
+    gather 64-bit pointers, and 4096 of them took 181 registers per thread in perturb_
+    against 64 with 1024, by ptxas for sm_90; None: as many as a block).
+    ``min_block_bytes``: if set, lists with fewer elements than a block get a smaller
+    power-of-two block, down to this size; the interpreter pays per program and per lane
+    (masked lanes too), so there blocks are large and shrink for small lists, while on a
+    GPU they stay fixed (each size is another compilation).
     ``final_block``: lanes of the program that sums the partials.
     """
 
     block_bytes: int
     num_warps: int
+    lanes: Optional[int] = None
     min_block_bytes: Optional[int] = None
     final_block: int = 1024
 
-    def block(self, dtype: torch.dtype, numel: Optional[int] = None) -> int:
+    def blocking(self, dtype: torch.dtype, numel: Optional[int] = None) -> tuple[int, int]:
+        """(elements per chunk program, lanes per lane program) for a list of ``dtype``."""
         block = max(1, self.block_bytes // dtype.itemsize)
-        if self.min_block_bytes is None or numel is None:
-            return block
-        fitting = 1 << max(0, numel - 1).bit_length()  # the power of two that holds numel
-        return max(self.min_block_bytes // dtype.itemsize, min(block, fitting))
+        if self.min_block_bytes is not None and numel is not None:
+            fitting = 1 << max(0, numel - 1).bit_length()  # the power of two that holds numel
+            block = max(self.min_block_bytes // dtype.itemsize, min(block, fitting))
+        return block, min(block, self.lanes) if self.lanes else block
 
 
-GPU_CONFIG = LaunchConfig(block_bytes=16384, num_warps=8)
+GPU_CONFIG = LaunchConfig(block_bytes=16384, num_warps=8, lanes=1024)
 INTERPRETER_CONFIG = LaunchConfig(block_bytes=262144, num_warps=4, min_block_bytes=64)
 _config_override: Optional[LaunchConfig] = None
 _default_config: Optional[LaunchConfig] = None
 
 
 def _env_config(base: LaunchConfig) -> LaunchConfig:
-    """``base`` with FASTSAM_TRITON_BLOCK_BYTES / FASTSAM_TRITON_NUM_WARPS applied (for tuning on a GPU)."""
+    """``base`` with FASTSAM_TRITON_{BLOCK_BYTES,NUM_WARPS,LANES} applied (for tuning on a GPU)."""
     changes = {}
-    for field, var in (("block_bytes", "FASTSAM_TRITON_BLOCK_BYTES"), ("num_warps", "FASTSAM_TRITON_NUM_WARPS")):
+    for field, var in (("block_bytes", "FASTSAM_TRITON_BLOCK_BYTES"), ("num_warps", "FASTSAM_TRITON_NUM_WARPS"),
+                       ("lanes", "FASTSAM_TRITON_LANES")):
         if os.environ.get(var):
             value = int(os.environ[var])
             if value <= 0 or value & (value - 1):
@@ -163,13 +169,14 @@ class Plan:
 
     Program ``p < n_chunks`` covers elements ``[k*block, (k+1)*block)`` of tensor ``t``
     with ``t, k = chunk_tensor[p], chunk_index[p]`` (always a full block). The remaining
-    programs cover lanes ``(p - n_chunks) * block + j``; lane ``l`` is element
-    ``lane_element[l]`` of tensor ``lane_tensor[l]``. The lanes are the tails shorter
-    than a block and whole tensors smaller than one, packed back to back, so tiny tensors
-    share programs. ``meta`` is the four arrays concatenated, as the kernels read them.
+    programs cover ``lanes`` lanes each: program ``p`` lanes ``(p - n_chunks) * lanes + j``,
+    and lane ``l`` is element ``lane_element[l]`` of tensor ``lane_tensor[l]``. The lanes
+    are the tails shorter than a block and whole tensors smaller than one, packed back to
+    back, so tiny tensors share programs.
     """
 
     block: int
+    lanes: int
     numels: tuple
     chunk_tensor: Tensor
     chunk_index: Tensor
@@ -186,17 +193,14 @@ class Plan:
 
     @property
     def n_programs(self) -> int:
-        return self.n_chunks + -(-self.n_lanes // self.block)
-
-    @property
-    def meta(self) -> Tensor:
-        return torch.cat([self.chunk_tensor, self.chunk_index, self.lane_tensor, self.lane_element])
+        return self.n_chunks + -(-self.n_lanes // self.lanes)
 
 
-def build_plan(numels: Sequence[int], block: int) -> Plan:
+def build_plan(numels: Sequence[int], block: int, lanes: Optional[int] = None) -> Plan:
     """The launch plan for tensors of ``numels`` elements (host tensors, int64)."""
-    if block <= 0:
-        raise ValueError(f"block must be positive; got {block}")
+    lanes = block if lanes is None else lanes
+    if block <= 0 or lanes <= 0:
+        raise ValueError(f"block and lanes must be positive; got {block} and {lanes}")
     sizes = torch.tensor(list(numels), dtype=torch.int64)
     index = torch.arange(len(sizes), dtype=torch.int64)
     full = sizes // block
@@ -207,12 +211,12 @@ def build_plan(numels: Sequence[int], block: int) -> Plan:
     lane_tensor = torch.repeat_interleave(index, tails)
     lane_element = torch.arange(lane_tensor.numel(), dtype=torch.int64) - torch.repeat_interleave(
         torch.cumsum(tails, 0) - tails - full * block, tails)
-    return Plan(block, tuple(numels), chunk_tensor, chunk_index, lane_tensor, lane_element)
+    return Plan(block, lanes, tuple(numels), chunk_tensor, chunk_index, lane_tensor, lane_element)
 
 
 @dataclasses.dataclass(frozen=True)
 class _DevicePlan:
-    meta: Tensor  # Plan.meta on the device
+    arrays: tuple  # chunk_tensor, chunk_index, lane_tensor, lane_element: views of one device tensor
     n_chunks: int
     n_lanes: int
     n_programs: int
@@ -222,8 +226,8 @@ class _DevicePlan:
 class _Entry:
     """A validated launch for one set of tensors: offsets table, alignment, plan."""
 
-    table: Tensor  # [roles, n] int64 element offsets from each role's base tensor
-    n_tensors: int
+    table: Tensor  # [tensors, roles] int64 element offsets from each role's base tensor
+    n_roles: int
     base_index: int  # index (in the caller's lists) of the base tensor of every role
     aligned: bool  # every address 16-byte aligned: 128-bit accesses are safe
     plan: _DevicePlan
@@ -257,8 +261,8 @@ class _Cache:
         self.hits = self.misses = 0
 
 
-_plans = _Cache(64)  # (device, block, numels) -> _DevicePlan
-_entries = _Cache(256)  # (device, block, dtypes, addresses, byte sizes, layout) -> _Entry
+_plans = _Cache(64)  # (device, (block, lanes), numels) -> _DevicePlan
+_entries = _Cache(256)  # (device, (block, lanes), dtypes, addresses, byte sizes, layout) -> _Entry
 
 
 def clear_caches() -> None:
@@ -273,12 +277,21 @@ def _to_device(host: Tensor, device: torch.device) -> Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def _device_plan(device: torch.device, block: int, numels: tuple) -> _DevicePlan:
-    key = (device, block, numels)
+def _device_plan(device: torch.device, blocking: tuple, numels: tuple) -> _DevicePlan:
+    key = (device, blocking, numels)
     plan = _plans.get(key)
     if plan is None:
-        host = build_plan(numels, block)
-        plan = _DevicePlan(_to_device(host.meta, device), host.n_chunks, host.n_lanes, host.n_programs)
+        host = build_plan(numels, *blocking)
+        parts = (host.chunk_tensor, host.chunk_index, host.lane_tensor, host.lane_element)
+        # One upload for the four arrays, each starting 16-byte aligned: a pointer's
+        # alignment is part of what Triton compiles for, so keep it the same every time.
+        padded = [torch.cat([a, a.new_zeros(a.numel() % 2)]) for a in parts]
+        meta = _to_device(torch.cat(padded), device)
+        starts = [0]
+        for a in padded:
+            starts.append(starts[-1] + a.numel())
+        arrays = tuple(meta[start:start + a.numel()] for start, a in zip(starts, parts))
+        plan = _DevicePlan(arrays, host.n_chunks, host.n_lanes, host.n_programs)
         _plans.put(key, plan)
     return plan
 
@@ -290,7 +303,7 @@ class _Launch:
     bases: tuple  # one tensor per role; the table holds element offsets from its address
     entry: _Entry
     device: torch.device
-    block: int
+    blocking: tuple  # (block, lanes)
     num_warps: int
     copy_back: list  # (original, temporary) pairs to copy after the kernel
     written: list  # lists of tensors whose version counters the kernel's writes must bump
@@ -300,9 +313,16 @@ class _Launch:
     def grid(self) -> tuple:
         return (self.entry.plan.n_programs,)
 
-    def common_args(self) -> tuple:
+    def plan_args(self) -> tuple:
+        """The arguments every kernel takes after its base tensors."""
         plan = self.entry.plan
-        return (self.entry.table, self.entry.n_tensors, plan.meta, plan.n_chunks, plan.n_lanes)
+        return (self.entry.table, *plan.arrays, plan.n_chunks, plan.n_lanes)
+
+    def sizes(self) -> dict:
+        """The kernels' size arguments."""
+        block, lanes = self.blocking
+        return dict(ROLES=self.entry.n_roles, BLOCK=block, LANES=lanes, ALIGNED=self.entry.aligned,
+                    num_warps=self.num_warps)
 
     def guard(self):
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
@@ -353,31 +373,32 @@ def _validate(lists, names, device) -> None:
                 raise ValueError(f"{name}[{i}] has {t.numel()} elements but {names[0]}[{i}] has {lists[0][i].numel()}")
 
 
-def _key(lists, device, block, contiguous):
+def _key(lists, device, blocking, contiguous):
     layout = None if contiguous else tuple(
         tuple(zip(map(_T.size, ts), map(_T.stride, ts))) for ts in lists)
-    return (device, block, tuple(ts[0].dtype for ts in lists),
+    return (device, blocking, tuple(ts[0].dtype for ts in lists),
             tuple(tuple(map(_T.data_ptr, ts)) for ts in lists),
             tuple(tuple(map(_nbytes, ts)) for ts in lists), layout)
 
 
-def _build_entry(lists, device, block) -> Optional[_Entry]:
+def _build_entry(lists, device, blocking) -> Optional[_Entry]:
     """Offsets table and plan for lists whose same-index tensors are all walkable."""
     numels = [t.numel() for t in lists[0]]
     keep = [i for i, n in enumerate(numels) if n > 0]
     if not keep:
         return None
     base_index = keep[0]
-    rows, aligned = [], True
+    columns, aligned = [], True
     for ts in lists:
         base = ts[base_index].data_ptr()
         size = ts[base_index].element_size()
         offsets = [ts[i].data_ptr() - base for i in keep]
         aligned = aligned and base % 16 == 0 and all(o % 16 == 0 for o in offsets)
-        rows.append([o // size for o in offsets])
-    table = _to_device(torch.tensor(rows, dtype=torch.int64), device)
-    plan = _device_plan(device, block, tuple(numels[i] for i in keep))
-    return _Entry(table, len(keep), base_index, aligned, plan)
+        columns.append([o // size for o in offsets])
+    # tensor-major: a tensor's offsets for all roles share a cache line
+    table = _to_device(torch.tensor(columns, dtype=torch.int64).t().contiguous(), device)
+    plan = _device_plan(device, blocking, tuple(numels[i] for i in keep))
+    return _Entry(table, len(lists), base_index, aligned, plan)
 
 
 def _prepare(lists, names, modes) -> Optional[_Launch]:
@@ -396,14 +417,14 @@ def _prepare(lists, names, modes) -> Optional[_Launch]:
     device = lists[0][0].device
     config = launch_config()
     numel = sum(map(_T.numel, lists[0])) if config.min_block_bytes is not None else None
-    block = config.block(lists[0][0].dtype, numel)
+    blocking = config.blocking(lists[0][0].dtype, numel)
     written = [ts for ts, mode in zip(lists, modes) if "w" in mode]
     contiguous = all(all(map(_T.is_contiguous, ts)) for ts in lists)
-    key = _key(lists, device, block, contiguous)
+    key = _key(lists, device, blocking, contiguous)
     entry = _entries.get(key)
     if entry is not None:  # these exact tensors (addresses, sizes, layouts) were validated before
         bases = tuple(ts[entry.base_index] for ts in lists)
-        return _Launch(bases, entry, device, block, config.num_warps, [], written)
+        return _Launch(bases, entry, device, blocking, config.num_warps, [], written)
 
     _validate(lists, names, device)
     copy_back, temporaries = [], []
@@ -423,13 +444,13 @@ def _prepare(lists, names, modes) -> Optional[_Launch]:
                     copy_back.append((t, temporary))
                 temporaries.append(temporary)
                 ts[i] = temporary
-    entry = _build_entry(lists, device, block)
+    entry = _build_entry(lists, device, blocking)
     if entry is None:
         return None
     if not temporaries:  # they have fresh addresses: no use caching them
         _entries.put(key, entry)
     bases = tuple(ts[entry.base_index] for ts in lists)
-    return _Launch(bases, entry, device, block, config.num_warps, copy_back, written, temporaries)
+    return _Launch(bases, entry, device, blocking, config.num_warps, copy_back, written, temporaries)
 
 
 def _device_scalar(value: Tensor, device: torch.device, name: str) -> Tensor:
@@ -468,8 +489,8 @@ def sumsq(tensors: Sequence[Tensor], params: Optional[Sequence[Tensor]] = None, 
     with launch.guard():
         partials = torch.empty(launch.grid[0], dtype=torch.float32, device=launch.device)
         _kernels().sumsq_kernel[launch.grid](
-            g_base, w_base, *launch.common_args(), partials, float(eta),
-            B=b, BLOCK=launch.block, ALIGNED=launch.entry.aligned, num_warps=launch.num_warps)
+            g_base, w_base, *launch.plan_args(), partials, float(eta),
+            B=b, **launch.sizes())
         out = _sum_partials(launch, partials, 1, ())
     launch.finish()
     return out
@@ -492,9 +513,9 @@ def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], backups: Sequenc
     ascent_base = launch.bases[3] if has_ascent else w_base
     with launch.guard():
         _kernels().perturb_kernel[launch.grid](
-            w_base, g_base, backup_base, ascent_base, *launch.common_args(), sumsq, ascent_sumsq,
+            w_base, g_base, backup_base, ascent_base, *launch.plan_args(), sumsq, ascent_sumsq,
             float(rho), float(eta), float(eps), A=a, HAS_ASCENT=has_ascent, NORMALIZE_ASCENT=normalize,
-            BLOCK=launch.block, ALIGNED=launch.entry.aligned, num_warps=launch.num_warps)
+            **launch.sizes())
     launch.finish()
 
 
@@ -504,8 +525,8 @@ def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
         return
     with launch.guard():
         _kernels().restore_kernel[launch.grid](
-            *launch.bases, *launch.common_args(),
-            BLOCK=launch.block, ALIGNED=launch.entry.aligned, num_warps=launch.num_warps)
+            *launch.bases, *launch.plan_args(),
+            **launch.sizes())
     launch.finish()
 
 
@@ -518,8 +539,8 @@ def gsam_reduce(ascent: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
     with launch.guard():
         partials = torch.empty(2 * n_programs, dtype=torch.float32, device=launch.device)
         _kernels().gsam_reduce_kernel[launch.grid](
-            *launch.bases, *launch.common_args(), partials, n_programs,
-            BLOCK=launch.block, ALIGNED=launch.entry.aligned, num_warps=launch.num_warps)
+            *launch.bases, *launch.plan_args(), partials, n_programs,
+            **launch.sizes())
         out = _sum_partials(launch, partials, 2, (2,))
     launch.finish()
     return out
@@ -533,8 +554,8 @@ def gsam_combine_(grads: Sequence[Tensor], ascent: Sequence[Tensor], stats: Tens
     stats = _device_scalar(stats, launch.device, "stats")
     with launch.guard():
         _kernels().gsam_combine_kernel[launch.grid](
-            *launch.bases, *launch.common_args(), stats, float(alpha), float(eps),
-            BLOCK=launch.block, ALIGNED=launch.entry.aligned, num_warps=launch.num_warps)
+            *launch.bases, *launch.plan_args(), stats, float(alpha), float(eps),
+            **launch.sizes())
     launch.finish()
 
 
@@ -545,8 +566,8 @@ def accumulate_(accum: Sequence[Tensor], grads: Sequence[Tensor], scale: float,
         return
     with launch.guard():
         _kernels().accumulate_kernel[launch.grid](
-            *launch.bases, *launch.common_args(), float(scale), INIT=bool(init),
-            BLOCK=launch.block, ALIGNED=launch.entry.aligned, num_warps=launch.num_warps)
+            *launch.bases, *launch.plan_args(), float(scale), INIT=bool(init),
+            **launch.sizes())
     launch.finish()
 
 

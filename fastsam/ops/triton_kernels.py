@@ -21,34 +21,33 @@ import triton.language as tl
 
 # The int arguments below change with the tensor lists; specialising on their values
 # (== 1, divisible by 16) would only multiply compilations.
-_SIZES = ["n_tensors", "n_chunks", "n_lanes"]
+_SIZES = ["n_chunks", "n_lanes"]
 
 
 # -- addressing -----------------------------------------------------------------------
 
 @triton.jit
-def _chunk_coords(plan, n_chunks, pid, BLOCK: tl.constexpr):
+def _chunk_coords(chunk_tensor, chunk_index, pid, BLOCK: tl.constexpr):
     """Tensor index and element indices of chunk program ``pid`` (a full block)."""
-    t = tl.load(plan + pid)
-    start = tl.load(plan + n_chunks + pid) * BLOCK  # a multiple of BLOCK, which the compiler sees
+    t = tl.load(chunk_tensor + pid)
+    start = tl.load(chunk_index + pid) * BLOCK  # a multiple of BLOCK, which the compiler sees
     return t, start + tl.arange(0, BLOCK)
 
 
 @triton.jit
-def _lane_coords(plan, n_chunks, n_lanes, pid, BLOCK: tl.constexpr):
+def _lane_coords(lane_tensor, lane_element, n_chunks, n_lanes, pid, LANES: tl.constexpr):
     """Per-lane tensor index, element index and validity of lane program ``pid``."""
-    lane = (pid - n_chunks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    lane = (pid.to(tl.int64) - n_chunks) * LANES + tl.arange(0, LANES)
     valid = lane < n_lanes
-    lanes = plan + 2 * n_chunks
-    t = tl.load(lanes + lane, mask=valid, other=0)
-    element = tl.load(lanes + n_lanes + lane, mask=valid, other=0)
+    t = tl.load(lane_tensor + lane, mask=valid, other=0)
+    element = tl.load(lane_element + lane, mask=valid, other=0)
     return t, element, valid
 
 
 @triton.jit
-def _chunk_ptrs(base, table, n_tensors, ROLE: tl.constexpr, t, element, ALIGNED: tl.constexpr):
+def _chunk_ptrs(base, table, ROLES: tl.constexpr, ROLE: tl.constexpr, t, element, ALIGNED: tl.constexpr):
     """Pointers to ``element`` of tensor ``t`` of role ``ROLE`` (one tensor for the block)."""
-    offset = tl.load(table + ROLE * n_tensors + t)
+    offset = tl.load(table + (t * ROLES + ROLE))
     if ALIGNED:
         # The host checked that every tensor lies a multiple of 16 bytes from the base
         # (itself 16-byte aligned): tell the compiler, so that it emits 128-bit accesses.
@@ -57,9 +56,9 @@ def _chunk_ptrs(base, table, n_tensors, ROLE: tl.constexpr, t, element, ALIGNED:
 
 
 @triton.jit
-def _lane_ptrs(base, table, n_tensors, ROLE: tl.constexpr, t, element, valid):
+def _lane_ptrs(base, table, ROLES: tl.constexpr, ROLE: tl.constexpr, t, element, valid):
     """Pointers for lanes that may each belong to another tensor of role ``ROLE``."""
-    offset = tl.load(table + ROLE * n_tensors + t, mask=valid, other=0)
+    offset = tl.load(table + (t * ROLES + ROLE), mask=valid, other=0)
     return base + (offset + element)
 
 
@@ -151,122 +150,144 @@ def _accumulate_body(acc_ptrs, g_ptrs, valid, scale, INIT: tl.constexpr):
 
 
 # -- kernels: one program per chunk, then the lane programs ------------------------------
-# (Names differ between the two branches on purpose: the compiler merges variables
-# assigned in both branches of a runtime `if`, and a scalar cannot merge with a block.)
+# Every kernel takes the same plan arguments after its base tensors (table ... n_lanes),
+# and ROLES, the number of roles (columns of the table) it was given.
+# Names differ between the two branches on purpose: the compiler merges variables
+# assigned in both branches of a runtime `if`, and a scalar cannot merge with a block.
 
 @triton.jit(do_not_specialize=_SIZES)
-def sumsq_kernel(g_base, w_base, table, n_tensors, plan, n_chunks, n_lanes, partials, eta,
-                 B: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+def sumsq_kernel(g_base, w_base,
+                 table, chunk_tensor, chunk_index, lane_tensor, lane_element, n_chunks, n_lanes,
+                 partials, eta, B: tl.constexpr,
+                 ROLES: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr, ALIGNED: tl.constexpr):
     """partials[pid] = sum over the program's elements of (T^B g)^2; roles: 0 grads, 1 params."""
     pid = tl.program_id(0)
     if pid < n_chunks:
-        t, element = _chunk_coords(plan, n_chunks, pid, BLOCK)
-        part = _sumsq_body(_chunk_ptrs(g_base, table, n_tensors, 0, t, element, ALIGNED),
-                           _chunk_ptrs(w_base, table, n_tensors, B, t, element, ALIGNED),
-                           None, eta, B)
-        tl.store(partials + pid, part)
+        t, element = _chunk_coords(chunk_tensor, chunk_index, pid, BLOCK)
+        g_ptrs = _chunk_ptrs(g_base, table, ROLES, 0, t, element, ALIGNED)
+        if B == 1:
+            w_ptrs = _chunk_ptrs(w_base, table, ROLES, 1, t, element, ALIGNED)
+        else:
+            w_ptrs = g_ptrs
+        tl.store(partials + pid, _sumsq_body(g_ptrs, w_ptrs, None, eta, B))
     else:
-        lt, lelement, valid = _lane_coords(plan, n_chunks, n_lanes, pid, BLOCK)
-        lpart = _sumsq_body(_lane_ptrs(g_base, table, n_tensors, 0, lt, lelement, valid),
-                            _lane_ptrs(w_base, table, n_tensors, B, lt, lelement, valid),
-                            valid, eta, B)
-        tl.store(partials + pid, lpart)
+        lt, lelement, valid = _lane_coords(lane_tensor, lane_element, n_chunks, n_lanes, pid, LANES)
+        lg_ptrs = _lane_ptrs(g_base, table, ROLES, 0, lt, lelement, valid)
+        if B == 1:
+            lw_ptrs = _lane_ptrs(w_base, table, ROLES, 1, lt, lelement, valid)
+        else:
+            lw_ptrs = lg_ptrs
+        tl.store(partials + pid, _sumsq_body(lg_ptrs, lw_ptrs, valid, eta, B))
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def perturb_kernel(w_base, g_base, backup_base, ascent_base, table, n_tensors, plan, n_chunks, n_lanes,
+def perturb_kernel(w_base, g_base, backup_base, ascent_base,
+                   table, chunk_tensor, chunk_index, lane_tensor, lane_element, n_chunks, n_lanes,
                    sumsq_ptr, ascent_sumsq_ptr, rho, eta, eps,
                    A: tl.constexpr, HAS_ASCENT: tl.constexpr, NORMALIZE_ASCENT: tl.constexpr,
-                   BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                   ROLES: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr, ALIGNED: tl.constexpr):
     """backup <- w; w <- w + rho T^A g / (sqrt(sumsq) + eps); roles: 0 w, 1 g, 2 backup, 3 ascent."""
     scale = rho * _inverse_norm(sumsq_ptr, eps)  # read on the device: the host never waits
     if NORMALIZE_ASCENT:
         ascent_scale = _inverse_norm(ascent_sumsq_ptr, eps)
     else:
-        ascent_scale = tl.full((), 1.0, tl.float32)
+        ascent_scale = scale  # unused
     pid = tl.program_id(0)
     if pid < n_chunks:
-        t, element = _chunk_coords(plan, n_chunks, pid, BLOCK)
-        _perturb_body(_chunk_ptrs(w_base, table, n_tensors, 0, t, element, ALIGNED),
-                      _chunk_ptrs(g_base, table, n_tensors, 1, t, element, ALIGNED),
-                      _chunk_ptrs(backup_base, table, n_tensors, 2, t, element, ALIGNED),
-                      _chunk_ptrs(ascent_base, table, n_tensors, 3 if HAS_ASCENT else 0, t, element, ALIGNED),
+        t, element = _chunk_coords(chunk_tensor, chunk_index, pid, BLOCK)
+        w_ptrs = _chunk_ptrs(w_base, table, ROLES, 0, t, element, ALIGNED)
+        if HAS_ASCENT:
+            ascent_ptrs = _chunk_ptrs(ascent_base, table, ROLES, 3, t, element, ALIGNED)
+        else:
+            ascent_ptrs = w_ptrs  # unused
+        _perturb_body(w_ptrs, _chunk_ptrs(g_base, table, ROLES, 1, t, element, ALIGNED),
+                      _chunk_ptrs(backup_base, table, ROLES, 2, t, element, ALIGNED), ascent_ptrs,
                       None, scale, ascent_scale, eta, A, HAS_ASCENT, NORMALIZE_ASCENT)
     else:
-        lt, lelement, valid = _lane_coords(plan, n_chunks, n_lanes, pid, BLOCK)
-        _perturb_body(_lane_ptrs(w_base, table, n_tensors, 0, lt, lelement, valid),
-                      _lane_ptrs(g_base, table, n_tensors, 1, lt, lelement, valid),
-                      _lane_ptrs(backup_base, table, n_tensors, 2, lt, lelement, valid),
-                      _lane_ptrs(ascent_base, table, n_tensors, 3 if HAS_ASCENT else 0, lt, lelement, valid),
+        lt, lelement, valid = _lane_coords(lane_tensor, lane_element, n_chunks, n_lanes, pid, LANES)
+        lw_ptrs = _lane_ptrs(w_base, table, ROLES, 0, lt, lelement, valid)
+        if HAS_ASCENT:
+            lascent_ptrs = _lane_ptrs(ascent_base, table, ROLES, 3, lt, lelement, valid)
+        else:
+            lascent_ptrs = lw_ptrs  # unused
+        _perturb_body(lw_ptrs, _lane_ptrs(g_base, table, ROLES, 1, lt, lelement, valid),
+                      _lane_ptrs(backup_base, table, ROLES, 2, lt, lelement, valid), lascent_ptrs,
                       valid, scale, ascent_scale, eta, A, HAS_ASCENT, NORMALIZE_ASCENT)
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def restore_kernel(w_base, backup_base, table, n_tensors, plan, n_chunks, n_lanes,
-                   BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+def restore_kernel(w_base, backup_base,
+                   table, chunk_tensor, chunk_index, lane_tensor, lane_element, n_chunks, n_lanes,
+                   ROLES: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr, ALIGNED: tl.constexpr):
     """w <- backup; roles: 0 w, 1 backup."""
     pid = tl.program_id(0)
     if pid < n_chunks:
-        t, element = _chunk_coords(plan, n_chunks, pid, BLOCK)
-        _restore_body(_chunk_ptrs(w_base, table, n_tensors, 0, t, element, ALIGNED),
-                      _chunk_ptrs(backup_base, table, n_tensors, 1, t, element, ALIGNED), None)
+        t, element = _chunk_coords(chunk_tensor, chunk_index, pid, BLOCK)
+        _restore_body(_chunk_ptrs(w_base, table, ROLES, 0, t, element, ALIGNED),
+                      _chunk_ptrs(backup_base, table, ROLES, 1, t, element, ALIGNED), None)
     else:
-        lt, lelement, valid = _lane_coords(plan, n_chunks, n_lanes, pid, BLOCK)
-        _restore_body(_lane_ptrs(w_base, table, n_tensors, 0, lt, lelement, valid),
-                      _lane_ptrs(backup_base, table, n_tensors, 1, lt, lelement, valid), valid)
+        lt, lelement, valid = _lane_coords(lane_tensor, lane_element, n_chunks, n_lanes, pid, LANES)
+        _restore_body(_lane_ptrs(w_base, table, ROLES, 0, lt, lelement, valid),
+                      _lane_ptrs(backup_base, table, ROLES, 1, lt, lelement, valid), valid)
 
 
 @triton.jit(do_not_specialize=_SIZES + ["n_programs"])
-def gsam_reduce_kernel(ascent_base, g_base, table, n_tensors, plan, n_chunks, n_lanes, partials, n_programs,
-                       BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+def gsam_reduce_kernel(ascent_base, g_base,
+                       table, chunk_tensor, chunk_index, lane_tensor, lane_element, n_chunks, n_lanes,
+                       partials, n_programs,
+                       ROLES: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr, ALIGNED: tl.constexpr):
     """partials[pid] = sum g_asc g_p, partials[n_programs + pid] = sum g_p^2; roles: 0 ascent, 1 g_p."""
     pid = tl.program_id(0)
     if pid < n_chunks:
-        t, element = _chunk_coords(plan, n_chunks, pid, BLOCK)
-        dot, sq = _gsam_reduce_body(_chunk_ptrs(ascent_base, table, n_tensors, 0, t, element, ALIGNED),
-                                    _chunk_ptrs(g_base, table, n_tensors, 1, t, element, ALIGNED), None)
+        t, element = _chunk_coords(chunk_tensor, chunk_index, pid, BLOCK)
+        dot, sq = _gsam_reduce_body(_chunk_ptrs(ascent_base, table, ROLES, 0, t, element, ALIGNED),
+                                    _chunk_ptrs(g_base, table, ROLES, 1, t, element, ALIGNED), None)
         tl.store(partials + pid, dot)
         tl.store(partials + n_programs + pid, sq)
     else:
-        lt, lelement, valid = _lane_coords(plan, n_chunks, n_lanes, pid, BLOCK)
-        ldot, lsq = _gsam_reduce_body(_lane_ptrs(ascent_base, table, n_tensors, 0, lt, lelement, valid),
-                                      _lane_ptrs(g_base, table, n_tensors, 1, lt, lelement, valid), valid)
+        lt, lelement, valid = _lane_coords(lane_tensor, lane_element, n_chunks, n_lanes, pid, LANES)
+        ldot, lsq = _gsam_reduce_body(_lane_ptrs(ascent_base, table, ROLES, 0, lt, lelement, valid),
+                                      _lane_ptrs(g_base, table, ROLES, 1, lt, lelement, valid), valid)
         tl.store(partials + pid, ldot)
         tl.store(partials + n_programs + pid, lsq)
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def gsam_combine_kernel(g_base, ascent_base, table, n_tensors, plan, n_chunks, n_lanes, stats, alpha, eps,
-                        BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+def gsam_combine_kernel(g_base, ascent_base,
+                        table, chunk_tensor, chunk_index, lane_tensor, lane_element, n_chunks, n_lanes,
+                        stats, alpha, eps,
+                        ROLES: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr, ALIGNED: tl.constexpr):
     """g_p <- g_p - alpha (g_asc - <g_asc, h> h), h = g_p / (|g_p| + eps); roles: 0 g_p, 1 ascent."""
     gp_norm = tl.sqrt_rn(tl.load(stats + 1).to(tl.float32)) + eps
     ascent_along_gp = tl.div_rn(tl.load(stats).to(tl.float32), gp_norm)
     pid = tl.program_id(0)
     if pid < n_chunks:
-        t, element = _chunk_coords(plan, n_chunks, pid, BLOCK)
-        _gsam_combine_body(_chunk_ptrs(g_base, table, n_tensors, 0, t, element, ALIGNED),
-                           _chunk_ptrs(ascent_base, table, n_tensors, 1, t, element, ALIGNED),
+        t, element = _chunk_coords(chunk_tensor, chunk_index, pid, BLOCK)
+        _gsam_combine_body(_chunk_ptrs(g_base, table, ROLES, 0, t, element, ALIGNED),
+                           _chunk_ptrs(ascent_base, table, ROLES, 1, t, element, ALIGNED),
                            None, gp_norm, ascent_along_gp, alpha)
     else:
-        lt, lelement, valid = _lane_coords(plan, n_chunks, n_lanes, pid, BLOCK)
-        _gsam_combine_body(_lane_ptrs(g_base, table, n_tensors, 0, lt, lelement, valid),
-                           _lane_ptrs(ascent_base, table, n_tensors, 1, lt, lelement, valid),
+        lt, lelement, valid = _lane_coords(lane_tensor, lane_element, n_chunks, n_lanes, pid, LANES)
+        _gsam_combine_body(_lane_ptrs(g_base, table, ROLES, 0, lt, lelement, valid),
+                           _lane_ptrs(ascent_base, table, ROLES, 1, lt, lelement, valid),
                            valid, gp_norm, ascent_along_gp, alpha)
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def accumulate_kernel(acc_base, g_base, table, n_tensors, plan, n_chunks, n_lanes, scale,
-                      INIT: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+def accumulate_kernel(acc_base, g_base,
+                      table, chunk_tensor, chunk_index, lane_tensor, lane_element, n_chunks, n_lanes,
+                      scale, INIT: tl.constexpr,
+                      ROLES: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr, ALIGNED: tl.constexpr):
     """acc <- scale g (INIT) or acc + scale g; roles: 0 accumulator, 1 g."""
     pid = tl.program_id(0)
     if pid < n_chunks:
-        t, element = _chunk_coords(plan, n_chunks, pid, BLOCK)
-        _accumulate_body(_chunk_ptrs(acc_base, table, n_tensors, 0, t, element, ALIGNED),
-                         _chunk_ptrs(g_base, table, n_tensors, 1, t, element, ALIGNED), None, scale, INIT)
+        t, element = _chunk_coords(chunk_tensor, chunk_index, pid, BLOCK)
+        _accumulate_body(_chunk_ptrs(acc_base, table, ROLES, 0, t, element, ALIGNED),
+                         _chunk_ptrs(g_base, table, ROLES, 1, t, element, ALIGNED), None, scale, INIT)
     else:
-        lt, lelement, valid = _lane_coords(plan, n_chunks, n_lanes, pid, BLOCK)
-        _accumulate_body(_lane_ptrs(acc_base, table, n_tensors, 0, lt, lelement, valid),
-                         _lane_ptrs(g_base, table, n_tensors, 1, lt, lelement, valid), valid, scale, INIT)
+        lt, lelement, valid = _lane_coords(lane_tensor, lane_element, n_chunks, n_lanes, pid, LANES)
+        _accumulate_body(_lane_ptrs(acc_base, table, ROLES, 0, lt, lelement, valid),
+                         _lane_ptrs(g_base, table, ROLES, 1, lt, lelement, valid), valid, scale, INIT)
 
 
 @triton.jit(do_not_specialize=["n"])
