@@ -107,7 +107,7 @@ def test_plan_rejects_bad_blocks():
 
 # -- kernels on many programs (tiny blocks) ---------------------------------------------------
 
-SMALL = [1, 15, 16, 17, 0, 33, 100, 3]  # 16-element blocks, 4 lanes: full chunks, tails, tiny tensors
+SMALL = [0, 1, 15, 16, 17, 0, 33, 100, 3]  # 16-element blocks, 4 lanes: full chunks, tails, tiny, empty
 
 
 def small_case(dtype, seed=0):
@@ -488,6 +488,12 @@ def test_gpu_step_never_synchronises_and_is_graph_capturable():
         with torch.cuda.graph(graph):
             step()
     torch.cuda.current_stream().wait_stream(stream)
+    tb.clear_caches()  # the graph must keep what it replays
     graph.replay()
     torch.cuda.synchronize()
     assert all(torch.equal(p, b) for p, b in zip(params, before)), "perturb + restore must leave weights bit-exact"
+
+    unseen = [torch.randn(7, device="cuda")]
+    with pytest.raises(RuntimeError, match="outside CUDA graph capture"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            triton_ops.restore_(unseen, [torch.zeros_like(unseen[0])])  # a cache miss while capturing

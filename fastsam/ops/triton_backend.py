@@ -265,7 +265,11 @@ _plans = _Cache(64)  # (device, (block, lanes), numels) -> _DevicePlan
 _entries = _Cache(256)  # (device, (block, lanes), dtypes, addresses, byte sizes, layout) -> _Entry
 
 
+_graph_entries: dict = {}  # entries used while capturing CUDA graphs: kept for the graphs' lifetime
+
+
 def clear_caches() -> None:
+    """Forget cached launches (not those that captured CUDA graphs may replay)."""
     _plans.clear()
     _entries.clear()
 
@@ -422,9 +426,17 @@ def _prepare(lists, names, modes) -> Optional[_Launch]:
     contiguous = all(all(map(_T.is_contiguous, ts)) for ts in lists)
     key = _key(lists, device, blocking, contiguous)
     entry = _entries.get(key)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if entry is not None:  # these exact tensors (addresses, sizes, layouts) were validated before
+        if capturing:  # a captured graph replays the table's address: it must outlive the cache
+            _graph_entries[id(entry)] = entry
         bases = tuple(ts[entry.base_index] for ts in lists)
         return _Launch(bases, entry, device, blocking, config.num_warps, [], written)
+    if capturing:
+        raise RuntimeError(
+            "the triton backend builds its launch tables outside CUDA graph capture: run the same step once "
+            "before capturing it (the usual warm-up), with tensors that stay where they are (strided views "
+            "that need temporaries cannot be captured)")
 
     _validate(lists, names, device)
     copy_back, temporaries = [], []
