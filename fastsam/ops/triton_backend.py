@@ -1,14 +1,14 @@
 """Triton backend: the ops contract as pointer-table multi-tensor kernels (fastsam/ops/triton_kernels.py).
 
-Host side: for each call, a table of element offsets (one row per role: params, grads,
-backups, ...) from one base tensor per role, and a launch plan mapping programs to
-(tensor, block) chunks and tail "lanes" (`build_plan`). Both are built once and cached,
-keyed on the tensors' addresses, byte sizes and layouts, so a new gradient tensor costs a
-new table (a small host-to-device copy from pinned memory) and reuses the plan. One
-launch per op (reductions add one launch that sums the partials in a fixed order);
-data-dependent scalars are read by the kernels from 0-d device tensors, so nothing here
-waits for the GPU. Tensors that cannot be walked as one flat range with their partners
-(strided views) go through contiguous temporaries that are copied back.
+Host side: for each call, a table of element offsets (a row per tensor, a column per
+role: params, grads, backups, ...) from one base tensor per role, and a launch plan
+mapping programs to (tensor, block) chunks and tail "lanes" (`build_plan`). Both are
+built once and cached, keyed on the tensors' addresses, byte sizes and layouts, so a new
+gradient tensor costs a new table (a small host-to-device copy from pinned memory) and
+reuses the plan. One launch per op (reductions add one launch that sums the partials in
+a fixed order); data-dependent scalars are read by the kernels from 0-d device tensors,
+so nothing here waits for the GPU. Tensors that cannot be walked as one flat range with
+their partners (strided views) go through contiguous temporaries that are copied back.
 
 Runs on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 was set before the
 kernels were defined (that is, before importing fastsam), which is how CI tests it.
