@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 
@@ -70,23 +71,97 @@ void for_items(const CpuItems& items, const F& per_item) {
   });
 }
 
-inline float fold_lanes(const float* acc) {
-  float level[kLanes];
-  for (int l = 0; l < kLanes; ++l) level[l] = acc[l];
-  for (int width = kLanes / 2; width >= 1; width /= 2) {
-    for (int l = 0; l < width; ++l) level[l] = level[2 * l] + level[2 * l + 1];
+// ---- 4-wide fp32 vectors for the reductions ----------------------------------------------
+//
+// GCC's auto-vectoriser turned the 16-lane accumulation into shuffles and stack spills
+// (perf annotate) and the reduction ran at half the speed of torch's own norm on one
+// 25.6M-element tensor (27.9 vs 14.7 ms, 1 thread); explicit vectors fix the code
+// generation. GCC/clang vector extensions map to SSE/NEON; elsewhere a plain array.
+#if defined(__GNUC__)
+typedef float F32x4Storage __attribute__((vector_size(16)));
+#define FASTSAM_VECTOR_EXTENSIONS 1
+#else
+struct F32x4Storage {
+  float v[4];
+  float& operator[](int i) { return v[i]; }
+  float operator[](int i) const { return v[i]; }
+};
+#endif
+
+struct F32x4 {
+  F32x4Storage v;
+
+  static F32x4 broadcast(float x) {
+    F32x4 out;
+    for (int k = 0; k < 4; ++k) out.v[k] = x;
+    return out;
   }
-  return level[0];
+  friend F32x4 operator+(F32x4 a, F32x4 b) {
+#ifdef FASTSAM_VECTOR_EXTENSIONS
+    return F32x4{a.v + b.v};
+#else
+    for (int k = 0; k < 4; ++k) a.v[k] += b.v[k];
+    return a;
+#endif
+  }
+  friend F32x4 operator*(F32x4 a, F32x4 b) {
+#ifdef FASTSAM_VECTOR_EXTENSIONS
+    return F32x4{a.v * b.v};
+#else
+    for (int k = 0; k < 4; ++k) a.v[k] *= b.v[k];
+    return a;
+#endif
+  }
+  friend F32x4 operator+(F32x4 a, float b) { return a + broadcast(b); }
+  // |x| lane by lane (math.h finds it by argument-dependent lookup)
+  friend F32x4 abs_value(F32x4 a) {
+    for (int k = 0; k < 4; ++k) a.v[k] = std::fabs(a.v[k]);
+    return a;
+  }
+};
+
+// Four consecutive elements as fp32 (one unaligned load for float).
+template <typename scalar_t>
+inline F32x4 load4(const scalar_t* p) {
+  F32x4 out;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::memcpy(&out.v, p, sizeof(out.v));
+  } else {
+    for (int k = 0; k < 4; ++k) out.v[k] = load(p[k]);
+  }
+  return out;
 }
 
-// W sums over all items; segment(t, lo, hi, acc) adds into acc[W][kLanes].
+// kLanes fp32 accumulators as kLanes / 4 vectors; lane l adds the elements whose offset
+// from the segment start is l modulo kLanes (the tail fills lanes 0, 1, ...), so results
+// depend only on the data and the item boundaries.
+struct Lanes {
+  static constexpr int kVectors = kLanes / 4;
+  F32x4 v[kVectors];
+
+  Lanes() {
+    for (auto& x : v) x = F32x4::broadcast(0.0f);
+  }
+  void add_scalar(int lane, float x) { v[lane / 4].v[lane % 4] += x; }
+  float fold() const {  // a fixed tree over the lanes
+    float level[kLanes];
+    for (int l = 0; l < kLanes; ++l) level[l] = v[l / 4].v[l % 4];
+    for (int width = kLanes / 2; width >= 1; width /= 2) {
+      for (int l = 0; l < width; ++l) level[l] = level[2 * l] + level[2 * l + 1];
+    }
+    return level[0];
+  }
+};
+static_assert(kLanes % 4 == 0, "lanes come in vectors of 4");
+
+// W sums over all items; segment(t, lo, hi, lanes) adds into lanes[0..W).
 template <int W, typename Segment>
 std::array<double, W> reduce_items(const CpuItems& items, const Segment& segment) {
   std::vector<float> partials(static_cast<size_t>(items.count) * W);
   for_items(items, [&](int64_t k) {
-    float acc[W][kLanes] = {};
-    items.for_each_segment(k, [&](int64_t t, int64_t lo, int64_t hi) { segment(t, lo, hi, acc); });
-    for (int w = 0; w < W; ++w) partials[k * W + w] = fold_lanes(acc[w]);
+    Lanes lanes[W];
+    items.for_each_segment(k, [&](int64_t t, int64_t lo, int64_t hi) { segment(t, lo, hi, lanes); });
+    for (int w = 0; w < W; ++w) partials[k * W + w] = lanes[w].fold();
   });
   std::array<double, W> total{};
   for (int64_t k = 0; k < items.count; ++k) {
@@ -99,37 +174,51 @@ std::array<double, W> reduce_items(const CpuItems& items, const Segment& segment
 
 template <typename scalar_t, int B>
 inline void sumsq_segment(const scalar_t* __restrict__ g, const scalar_t* __restrict__ w, int64_t lo,
-                          int64_t hi, float eta, float* __restrict__ acc) {
-  auto term = [&](int64_t i) {
-    if constexpr (B == 0) {
-      return math::sumsq_term<0>(load(g[i]), 0.0f, eta);
-    } else {
-      return math::sumsq_term<B>(load(g[i]), load(w[i]), eta);
-    }
-  };
+                          int64_t hi, float eta, Lanes& acc) {
+  F32x4 a[Lanes::kVectors];
+  for (int j = 0; j < Lanes::kVectors; ++j) a[j] = acc.v[j];
   int64_t i = lo;
   for (; i + kLanes <= hi; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += term(i + l);
+    for (int j = 0; j < Lanes::kVectors; ++j) {
+      const F32x4 gv = load4(g + i + 4 * j);
+      if constexpr (B == 0) {
+        a[j] = a[j] + math::sumsq_term<0>(gv, gv, eta);
+      } else {
+        a[j] = a[j] + math::sumsq_term<B>(gv, load4(w + i + 4 * j), eta);
+      }
+    }
   }
-  for (int l = 0; i < hi; ++i, ++l) acc[l] += term(i);
+  for (int j = 0; j < Lanes::kVectors; ++j) acc.v[j] = a[j];
+  for (int l = 0; i < hi; ++i, ++l) {
+    acc.add_scalar(l, B == 0 ? math::sumsq_term<0>(load(g[i]), 0.0f, eta)
+                             : math::sumsq_term<B>(load(g[i]), load(w[i]), eta));
+  }
 }
 
 template <typename scalar_t>
 inline void gsam_reduce_segment(const scalar_t* __restrict__ g_asc, const scalar_t* __restrict__ gp,
-                                int64_t lo, int64_t hi, float* __restrict__ dot,
-                                float* __restrict__ sq) {
+                                int64_t lo, int64_t hi, Lanes& dot, Lanes& sq) {
+  F32x4 d[Lanes::kVectors], q[Lanes::kVectors];
+  for (int j = 0; j < Lanes::kVectors; ++j) {
+    d[j] = dot.v[j];
+    q[j] = sq.v[j];
+  }
   int64_t i = lo;
   for (; i + kLanes <= hi; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const float a = load(g_asc[i + l]), p = load(gp[i + l]);
-      dot[l] += a * p;
-      sq[l] += p * p;
+    for (int j = 0; j < Lanes::kVectors; ++j) {
+      const F32x4 a = load4(g_asc + i + 4 * j), p = load4(gp + i + 4 * j);
+      d[j] = d[j] + math::dot_term(a, p);
+      q[j] = q[j] + math::sumsq_term<0>(p, p, 0.0f);
     }
+  }
+  for (int j = 0; j < Lanes::kVectors; ++j) {
+    dot.v[j] = d[j];
+    sq.v[j] = q[j];
   }
   for (int l = 0; i < hi; ++i, ++l) {
     const float a = load(g_asc[i]), p = load(gp[i]);
-    dot[l] += a * p;
-    sq[l] += p * p;
+    dot.add_scalar(l, math::dot_term(a, p));
+    sq.add_scalar(l, math::sumsq_term<0>(p, p, 0.0f));
   }
 }
 
@@ -189,7 +278,7 @@ at::Tensor sumsq_cpu(TensorRefs tensors, TensorRefs params, int64_t b, double et
     const FlatLists& l = prep.flat;
     with_constant<1>(b, [&](auto B) {
       constexpr int kB = decltype(B)::value;
-      total = reduce_items<1>(items, [&](int64_t t, int64_t lo, int64_t hi, float (*acc)[kLanes]) {
+      total = reduce_items<1>(items, [&](int64_t t, int64_t lo, int64_t hi, Lanes* acc) {
         sumsq_segment<scalar_t, kB>(l.at<scalar_t>(0, t), kB ? l.at<scalar_t>(1, t) : nullptr, lo, hi, eta_f,
                                     acc[0]);
       })[0];
@@ -261,7 +350,7 @@ at::Tensor gsam_reduce_cpu(TensorRefs ascent, TensorRefs grads) {
   std::array<double, 2> total{};
   FASTSAM_DISPATCH(prep.dtype, "fastsam_gsam_reduce_cpu", [&] {
     const FlatLists& l = prep.flat;
-    total = reduce_items<2>(items, [&](int64_t t, int64_t lo, int64_t hi, float (*acc)[kLanes]) {
+    total = reduce_items<2>(items, [&](int64_t t, int64_t lo, int64_t hi, Lanes* acc) {
       gsam_reduce_segment<scalar_t>(l.at<scalar_t>(0, t), l.at<scalar_t>(1, t), lo, hi, acc[0], acc[1]);
     });
   });

@@ -89,8 +89,8 @@ struct GsamReduceOp {  // lists: ascent, grads
     float acc[2] = {0.0f, 0.0f};
     for_each_element<T, Depth, bit(0) | bit(1), 0u>(meta, slot, begin, n, [&](T(&v)[Depth]) {
       const float a = load(v[0]), p = load(v[1]);
-      acc[0] += a * p;
-      acc[1] += p * p;
+      acc[0] += math::dot_term(a, p);
+      acc[1] += math::sumsq_term<0>(p, p, 0.0f);
     });
     block_sum_store<2>(acc, partials + 2 * block);
   }

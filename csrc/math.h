@@ -14,14 +14,28 @@
 namespace fastsam {
 namespace math {
 
+// Formulas used by reductions are templates on the value type V: float on the GPU and in
+// scalar CPU code, a 4-wide fp32 vector in the CPU reductions (cpu_kernels.cpp provides
+// abs_value, + and * for it). Same expression either way, evaluated lane by lane.
+FASTSAM_HD float abs_value(float x) {
+  return ::fabsf(x);
+}
+
 // ASAM's T^P with T = |w| + eta (PAPER.md section 2), P in {0, 1, 2}. The exponent is a
 // template parameter so that the kernels compile one branch-free loop per exponent.
-template <int P>
-FASTSAM_HD float adaptive_power(float w, float eta) {
+template <int P, typename V>
+FASTSAM_HD V adaptive_power(V w, float eta) {
   static_assert(P >= 0 && P <= 2, "ASAM exponents are 0, 1 or 2");
-  if (P == 0) return 1.0f;
-  const float t = ::fabsf(w) + eta;
-  return P == 1 ? t : t * t;
+  if constexpr (P == 0) {
+    return V{} + 1.0f;
+  } else {
+    const V t = abs_value(w) + eta;
+    if constexpr (P == 1) {
+      return t;
+    } else {
+      return t * t;
+    }
+  }
 }
 
 // 1 / (sqrt(s) + eps): the normalisation shared by the perturbation and GSAM's
@@ -36,10 +50,20 @@ FASTSAM_HD float perturb_scale(float sumsq, float rho, float eps) {
 }
 
 // One term of sumsq: (T^B * g)^2.
-template <int B>
-FASTSAM_HD float sumsq_term(float g, float w, float eta) {
-  const float t = B == 0 ? g : g * adaptive_power<B>(w, eta);
-  return t * t;
+template <int B, typename V>
+FASTSAM_HD V sumsq_term(V g, V w, float eta) {
+  if constexpr (B == 0) {
+    return g * g;
+  } else {
+    const V t = g * adaptive_power<B>(w, eta);
+    return t * t;
+  }
+}
+
+// The two terms of GSAM's reduction: <g_asc, g_p> and ||g_p||^2.
+template <typename V>
+FASTSAM_HD V dot_term(V g_asc, V gp) {
+  return g_asc * gp;
 }
 
 // w + (scale * T^A) * g, T from the unperturbed w.

@@ -68,7 +68,9 @@ struct PlannedLaunch {
 std::vector<PlannedLaunch> plan_launches(const std::vector<int64_t>& numels, int64_t chunk_size,
                                          int64_t max_tensors, int64_t max_blocks);
 
-// Elements per CPU work item (64 KiB of fp32). See cpu_kernels.cpp for the measurement.
+// Elements per CPU work item (64 KiB of fp32). Not sensitive: a SAM sub-step on the
+// ResNet-50 and 4096-tiny-tensor sets took the same time (within +-5%, medians of 15,
+// interleaved, 2 busy cores) with items of 4096, 16384, 65536 and 262144 elements.
 constexpr int64_t kCpuItemSize = 16384;
 
 // The CUDA launch configuration (multi_tensor_apply.cuh checks that a launch's argument
