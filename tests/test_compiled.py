@@ -358,6 +358,24 @@ def test_empty_lists_are_no_ops():
 
 # ---- availability --------------------------------------------------------------------
 
+def test_backend_functions_load_the_extension_themselves():
+    """Called directly (not via ops.get_backend), a function still finds its op."""
+    code = textwrap.dedent("""
+        import torch
+        from fastsam.ops import compiled
+        params, backups = [torch.ones(3)], [torch.zeros(3)]
+        compiled.CPP.restore_(params, backups)
+        assert params[0].tolist() == [0.0, 0.0, 0.0]
+        assert compiled.sumsq((torch.ones(4), torch.ones(1))).item() == 5.0  # tuples work too
+    """)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+    if EXT_ERROR is None:
+        assert result.returncode == 0, result.stderr
+    else:
+        assert "pip install --no-build-isolation -e ." in result.stderr
+
+
 def test_backends_refuse_the_other_device_type_clearly():
     assert "CPU tensors only" in compiled.CPP.unavailable_reason(torch.device("cuda"))
     assert "CUDA tensors only" in compiled.CUDA.unavailable_reason(torch.device("cpu"))

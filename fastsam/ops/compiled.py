@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastsam.ops import Backend, check_exponents
+from fastsam.ops import Backend, BackendUnavailableError, check_exponents
 
 BUILD_HINT = ("reinstall fastsam with `pip install --no-build-isolation -e .` after installing torch "
               "and ninja (a C++ compiler is needed; see README.md)")
@@ -80,8 +80,22 @@ def _cuda_unavailable_reason(device: torch.device) -> Optional[str]:
 # ---- the ops contract, with the reference's signatures ----------------------------------
 # Empty lists are answered here: with no tensor there is nothing to dispatch on.
 
+def _ops():
+    """torch.ops.fastsam, loading the extension on first use (also when a backend function
+    is called without going through fastsam.ops.get_backend)."""
+    if _module is None and load_extension() is None:
+        raise BackendUnavailableError(f"fastsam's compiled ops cannot run: {_load_error}: {BUILD_HINT}")
+    return torch.ops.fastsam
+
+
 def _device_scalar(t: Tensor, like: Tensor) -> Tensor:
     return t.to(device=like.device, dtype=torch.float32)
+
+
+def _seq(tensors: Sequence[Tensor]):
+    """A list or tuple as is (torch.ops takes both; copying 4096-entry lists per call only
+    feeds the garbage collector), anything else as a list."""
+    return tensors if isinstance(tensors, (list, tuple)) else list(tensors)
 
 
 def sumsq(tensors: Sequence[Tensor], params: Optional[Sequence[Tensor]] = None, b: int = 0,
@@ -91,7 +105,7 @@ def sumsq(tensors: Sequence[Tensor], params: Optional[Sequence[Tensor]] = None, 
         raise ValueError("sumsq with b > 0 needs the parameters (T = |w| + eta)")
     if not len(tensors):
         return torch.zeros((), dtype=torch.float32)
-    return torch.ops.fastsam.sumsq(list(tensors), list(params) if b > 0 else [], b, float(eta))
+    return _ops().sumsq(_seq(tensors), _seq(params) if b > 0 else [], b, float(eta))
 
 
 def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], backups: Sequence[Tensor],
@@ -101,39 +115,39 @@ def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], backups: Sequenc
     check_exponents(a, b)
     if not len(params):
         return
-    params = list(params)
-    ascent_list = list(ascent) if ascent is not None else []
+    params = _seq(params)
+    ascent_list = _seq(ascent) if ascent is not None else []
     if ascent is None:
         ascent_sumsq = None
     elif ascent_sumsq is not None:
         ascent_sumsq = _device_scalar(ascent_sumsq, params[0])
-    torch.ops.fastsam.perturb_(params, list(grads), list(backups), _device_scalar(sumsq, params[0]),
+    _ops().perturb_(params, _seq(grads), _seq(backups), _device_scalar(sumsq, params[0]),
                                float(rho), a, float(eta), float(eps), ascent_list, ascent_sumsq)
 
 
 def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
     if len(params):
-        torch.ops.fastsam.restore_(list(params), list(backups))
+        _ops().restore_(_seq(params), _seq(backups))
 
 
 def gsam_reduce(ascent: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
     if not len(grads):
         return torch.zeros(2, dtype=torch.float32)
-    return torch.ops.fastsam.gsam_reduce(list(ascent), list(grads))
+    return _ops().gsam_reduce(_seq(ascent), _seq(grads))
 
 
 def gsam_combine_(grads: Sequence[Tensor], ascent: Sequence[Tensor], stats: Tensor, alpha: float,
                   eps: float = 1e-12) -> None:
     if len(grads):
-        grads = list(grads)
-        torch.ops.fastsam.gsam_combine_(grads, list(ascent), _device_scalar(stats, grads[0]),
+        grads = _seq(grads)
+        _ops().gsam_combine_(grads, _seq(ascent), _device_scalar(stats, grads[0]),
                                         float(alpha), float(eps))
 
 
 def accumulate_(accum: Sequence[Tensor], grads: Sequence[Tensor], scale: float,
                 init: bool = False) -> None:
     if len(accum):
-        torch.ops.fastsam.accumulate_(list(accum), list(grads), float(scale), bool(init))
+        _ops().accumulate_(_seq(accum), _seq(grads), float(scale), bool(init))
 
 
 # The kernels compute in fp32; the contract computes float64 tensors in fp64, which
