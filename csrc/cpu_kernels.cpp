@@ -2,9 +2,9 @@
 // of all tensors (plan.h: CpuItems), run with at::parallel_for; within an item each
 // (tensor, range) segment is a plain loop over flat arrays that the compiler vectorises
 // (restrict pointers, one template instance per dtype and exponent). Reductions keep
-// kLanes independent fp32 accumulators per item (vectorisable without reassociation),
-// fold them in a fixed tree into one partial per item, then add the partials in item
-// order in double: the result does not depend on the number of threads.
+// kLanes independent fp32 accumulators per item (explicit 4-wide vectors, no
+// reassociation), fold them in a fixed tree into one partial per item, then add the
+// partials in item order in double: the result does not depend on the number of threads.
 
 // One pass over memory: GCC would otherwise split perturb_'s `backup[i] = w[i]` out of the
 // loop into a memmove (loop distribution; seen in objdump), reading w twice, i.e. 20N
@@ -40,7 +40,7 @@ namespace fastsam {
 namespace {
 
 constexpr int64_t kItemSize = kCpuItemSize;
-constexpr int kLanes = 16;  // independent accumulators per reduction (4 SSE / 2 AVX vectors)
+constexpr int kLanes = 16;  // independent accumulators per reduction: 4 vectors of 4
 
 template <int V>
 using Int = std::integral_constant<int, V>;

@@ -1,8 +1,8 @@
 // fastsam._C: the op schemas (declared once, namespace `fastsam`), their meta/fake
 // kernels, host-only debug ops exposing the launch planners, and the Python module entry.
-// The CPU kernels live in cpu_kernels.cpp, the CUDA kernels in cuda_kernels.cu; each
-// registers itself for its dispatch key. fastsam/ops/compiled.py documents the semantics
-// (the ops contract of fastsam/ops/__init__.py).
+// The CPU kernels (cpu_kernels.cpp) and the CUDA ones (cuda_ops.cpp, launching
+// cuda_kernels.cu) register themselves for their dispatch keys. The semantics are the
+// ops contract of fastsam/ops/__init__.py; csrc/README.md maps the files.
 #include <Python.h>
 
 #include <ATen/ops/empty.h>
