@@ -211,8 +211,8 @@ def run_all(specs: list[RunSpec], dataset, hp: dict, jobs: int, label: str) -> l
 
 QUICK = dict(n_train=768, n_val=256, n_test=512, epochs=3, seeds=2, hessian_examples=256,
              hessian_iters=20, tune=False)
-# The full study: ~25 CPU-minutes (1 thread per run; measured CPU time per step at m=16:
-# SGD 22 ms, SAM 50-65 ms; one Hessian-vector product on 512 examples ~60 ms).
+# The full study: 44 minutes of wall time with --jobs 2 on 2 shared, loaded cores
+# (docs/EXPERIMENTS.md: 36 (SGD) to 83 (OBF+GSAM) ms of CPU time per step at m=16).
 FULL = dict(n_train=4000, n_val=1000, n_test=2000, epochs=20, seeds=3, hessian_examples=512,
             hessian_iters=100, tune=True)
 
