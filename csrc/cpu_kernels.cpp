@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -401,6 +402,22 @@ void accumulate_cpu(TensorRefs accum, TensorRefs grads, double scale, bool init)
 }
 
 }  // namespace
+
+// Debug: how many threads for_items used on `items` work items (1 when the extension
+// was built without OpenMP, in which case at::parallel_for runs serially).
+int64_t cpu_threads_used(int64_t items) {
+  TORCH_CHECK(items >= 0, "_cpu_threads_used: items must be >= 0");
+  CpuItems plan(std::vector<int64_t>{items * kItemSize}, kItemSize);
+  std::vector<std::atomic<int>> seen(static_cast<size_t>(std::max(at::get_num_threads(), 1)));
+  for_items(plan, [&](int64_t) {
+    const int tid = at::get_thread_num();
+    if (tid >= 0 && static_cast<size_t>(tid) < seen.size()) seen[tid].store(1);
+  });
+  int64_t used = 0;
+  for (auto& s : seen) used += s.load();
+  return used;
+}
+
 }  // namespace fastsam
 
 TORCH_LIBRARY_IMPL(fastsam, CPU, m) {

@@ -11,6 +11,9 @@
 #include "plan.h"
 
 namespace fastsam {
+
+int64_t cpu_threads_used(int64_t items);  // cpu_kernels.cpp
+
 namespace {
 
 // ---- meta kernels: shapes and dtypes only (used by FakeTensor / torch.compile) ----
@@ -97,6 +100,7 @@ TORCH_LIBRARY(fastsam, m) {
   m.def("_plan_cuda_launches(int[] numels, int chunk_size, int max_tensors, int max_blocks) -> Tensor",
         &fastsam::plan_cuda_launches);
   m.def("_launch_config() -> int[]", &fastsam::launch_config);
+  m.def("_cpu_threads_used(int items) -> int", &fastsam::cpu_threads_used);
 }
 
 TORCH_LIBRARY_IMPL(fastsam, Meta, m) {

@@ -247,6 +247,16 @@ def test_reductions_are_bitwise_repeatable(device, dtype):
 
 
 @needs_ext
+def test_cpu_kernels_run_on_several_threads():
+    """at::parallel_for is serial in an extension built without OpenMP: that once made every
+    CPU kernel single-threaded without any test noticing."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("torch uses one thread here")
+    assert torch.ops.fastsam._cpu_threads_used(64) == min(torch.get_num_threads(), 64)
+    assert torch.ops.fastsam._cpu_threads_used(1) == 1
+
+
+@needs_ext
 def test_cpu_reductions_do_not_depend_on_thread_count():
     backend = backend_for("cpu")
     g, w = random_set("cpu", seed=4), random_set("cpu", seed=5)
