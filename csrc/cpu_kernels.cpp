@@ -27,6 +27,7 @@
 #include <type_traits>
 
 #include "boxed.h"
+#include "eager.h"
 #include "math.h"
 #include "plan.h"
 #include "tensor_lists.h"
@@ -402,6 +403,10 @@ void accumulate_cpu(TensorRefs accum, TensorRefs grads, double scale, bool init)
 }
 
 }  // namespace
+
+const bool cpu_table_registered = register_op_table(
+    c10::DeviceType::CPU, {&sumsq_cpu, &perturb_cpu, &restore_cpu, &gsam_reduce_cpu, &gsam_combine_cpu,
+                           &accumulate_cpu});
 
 // Debug: how many threads for_items used on `items` work items (1 when the extension
 // was built without OpenMP, in which case at::parallel_for runs serially).

@@ -9,6 +9,7 @@
 
 #include "boxed.h"
 #include "cuda_launch.h"
+#include "eager.h"
 #include "tensor_lists.h"
 
 namespace fastsam {
@@ -117,6 +118,11 @@ void accumulate_cuda(TensorRefs accum, TensorRefs grads, double scale, bool init
 }
 
 }  // namespace
+
+const bool cuda_table_registered = register_op_table(
+    c10::DeviceType::CUDA, {&sumsq_cuda, &perturb_cuda, &restore_cuda, &gsam_reduce_cuda, &gsam_combine_cuda,
+                            &accumulate_cuda});
+
 }  // namespace cuda
 }  // namespace fastsam
 

@@ -13,6 +13,7 @@
 namespace fastsam {
 
 int64_t cpu_threads_used(int64_t items);  // cpu_kernels.cpp
+PyMethodDef* eager_methods();            // eager.cpp
 
 namespace {
 
@@ -122,11 +123,13 @@ TORCH_LIBRARY_IMPL(fastsam, Meta, m) {
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "fastsam._C",
-                               "fastsam's compiled kernels; the ops are in torch.ops.fastsam", -1,
+                               "fastsam's compiled kernels: the ops are in torch.ops.fastsam; the functions here are "
+                               "their eager entry points (csrc/eager.cpp)", -1,
                                nullptr};
   PyObject* m = PyModule_Create(&module);
   if (m == nullptr) return nullptr;
-  if (PyModule_AddIntConstant(m, "WITH_CUDA", FASTSAM_CUDA_FLAG) != 0) {
+  if (PyModule_AddFunctions(m, fastsam::eager_methods()) != 0 ||
+      PyModule_AddIntConstant(m, "WITH_CUDA", FASTSAM_CUDA_FLAG) != 0) {
     Py_DECREF(m);
     return nullptr;
   }

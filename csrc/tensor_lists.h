@@ -23,17 +23,21 @@ namespace fastsam {
 
 enum class Access { Read, Write, ReadWrite };
 
-// A Tensor[] argument viewed where it lies on the dispatcher's stack (see boxed.h): no
+// A Tensor[] argument viewed where it lies: on the dispatcher's stack (see boxed.h), or as
+// pointers to the tensors held by Python objects (the eager entry points, eager.cpp). No
 // tensor handle is copied.
 class TensorRefs {
  public:
   explicit TensorRefs(c10::ArrayRef<c10::IValue> items) : items_(items) {}
-  size_t size() const { return items_.size(); }
-  bool empty() const { return items_.empty(); }
-  const at::Tensor& operator[](size_t i) const { return items_[i].toTensor(); }
+  explicit TensorRefs(c10::ArrayRef<const at::Tensor*> pointers) : pointers_(pointers), by_pointer_(true) {}
+  size_t size() const { return by_pointer_ ? pointers_.size() : items_.size(); }
+  bool empty() const { return size() == 0; }
+  const at::Tensor& operator[](size_t i) const { return by_pointer_ ? *pointers_[i] : items_[i].toTensor(); }
 
  private:
   c10::ArrayRef<c10::IValue> items_;
+  c10::ArrayRef<const at::Tensor*> pointers_;
+  bool by_pointer_ = false;
 };
 
 struct ListArg {

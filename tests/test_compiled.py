@@ -433,15 +433,6 @@ def test_missing_extension_is_reported_with_the_build_command():
     assert "pip install --no-build-isolation -e ." in message
 
 
-def test_cuda_kernels_were_built_where_expected():
-    """CI on a CUDA build of torch sets FASTSAM_EXPECT_CUDA_KERNELS=1: a build that silently
-    left the CUDA kernels out must fail here, although no GPU runs them."""
-    if os.environ.get("FASTSAM_EXPECT_CUDA_KERNELS", "") not in ("1", "true", "yes"):
-        pytest.skip("FASTSAM_EXPECT_CUDA_KERNELS is not set")
-    assert EXT_ERROR is None, EXT_ERROR
-    assert compiled.cuda_kernels_built(), "fastsam._C was built without its CUDA kernels"
-
-
 # ---- GPU only ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -7,6 +7,8 @@ must stay untouched); every dtype; every ASAM exponent pair and both GSAM backup
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -81,10 +83,22 @@ def _backend(device, name):
 
 
 def test_expected_backends_are_available():
-    """CI names the backends it built (FASTSAM_EXPECT_BACKENDS); a broken build must not pass by skipping."""
-    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        missing = [n for n in expected_backends(device) if n not in fast_backends(device)]
-        assert not missing, f"backends expected on {device} but unavailable: {missing}"
+    """CI names the backends it built (FASTSAM_EXPECT_BACKENDS, and FASTSAM_EXPECT_CUDA_KERNELS=1
+    where torch is a CUDA build): a broken build must fail here, not pass by skipping."""
+    missing = [n for n in expected_backends("cpu") if n not in fast_backends("cpu")]
+    assert not missing, f"backends expected on cpu but unavailable: {missing}"
+    if os.environ.get("FASTSAM_EXPECT_CUDA_KERNELS", "") in ("1", "true", "yes"):
+        from fastsam.ops import compiled
+        assert compiled.extension_error() is None, compiled.extension_error()
+        assert compiled.cuda_kernels_built(), "fastsam._C was built without its CUDA kernels"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_expected_gpu_backends_are_available():
+    """The GPU check names the backends it built (FASTSAM_EXPECT_BACKENDS_CUDA)."""
+    missing = [n for n in expected_backends("cuda") if n not in fast_backends("cuda")]
+    assert not missing, f"backends expected on cuda but unavailable: {missing}"
 
 
 @pytest.mark.parametrize("device,name", backend_cases())
