@@ -183,7 +183,8 @@ setup(
     packages=find_packages(include=["fastsam", "fastsam.*"]),
     install_requires=["torch>=2.4"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy"],
+        # everything the test suite runs (the experiments' smoke tests and the plots too)
+        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "matplotlib", "mnist1d", "scikit-learn"],
         "plot": ["matplotlib"],
         "experiments": ["matplotlib", "mnist1d", "scikit-learn"],
     },

@@ -29,7 +29,6 @@ def _default_cpu_backends() -> list[str]:
 
 
 def test_quick_run_writes_table_json_csv_and_plot(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     out_json, out_csv, out_png = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
     rc = cli.main(QUICK + ["--json", str(out_json), "--csv", str(out_csv), "--plot", str(out_png)])
     assert rc == 0
@@ -233,7 +232,6 @@ def test_end_to_end_rows_for_base_and_each_backend(monkeypatch, tmp_path):
                                              "date": "2026-01-01T00:00:00"},
               "settings": {"dtype": "fp32"}, "results": rows}
     assert "SAM foreach" in report.format_result(result)
-    pytest.importorskip("matplotlib")
     from fastsam.bench import plot
     plot.plot(result, str(tmp_path / "e2e.png"))
     assert (tmp_path / "e2e.png").read_bytes()[:4] == b"\x89PNG"
