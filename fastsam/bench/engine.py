@@ -128,12 +128,14 @@ class Settings:
             if quick:
                 return Settings(2, 0.005, 0.2, 0.02, 5, 100, 0.5, 256, 256)
             return Settings(3, 0.025, 0.5, 0.1, 10, 1000, 1.0, 256, 1024)
-        # CPU: ops on 100M parameters take seconds here, so few repetitions (never fewer
-        # than 3, for a median and a spread) and no cache flush (a few MiB of flush cannot
-        # empty a server CPU's caches; see benchmarks/README.md on the tiny workload).
+        # CPU: ops on 100M parameters take seconds here, so few repetitions there (never
+        # fewer than 3, for a median and a spread) and no cache flush (a few MiB of flush
+        # cannot empty a server CPU's caches; see benchmarks/README.md on the tiny
+        # workload). At least 5 repetitions and ~1 s each elsewhere: with 3 the median of a
+        # 130 ms reference call moved by 50% between back-to-back runs on a quiet 2-vCPU VM.
         if quick:
             return Settings(1, 0.0, 0.0, 0.02, 2, 20, 1.0, 0, 64)
-        return Settings(1, 0.05, 0.5, 0.3, 3, 200, 3.0, 0, 256)
+        return Settings(1, 0.05, 0.5, 1.0, 5, 200, 5.0, 0, 256)
 
 
 @dataclasses.dataclass(frozen=True)
