@@ -296,11 +296,7 @@ void perturb_cpu(TensorRefs params, TensorRefs grads, TensorRefs backups,
   check_exponent("perturb_", "a", a, 2);
   if (params.empty()) return;
   const bool with_ascent = !ascent.empty();
-  PreparedLists prep = with_ascent
-      ? prepare_lists("perturb_", {{"params", params, Access::ReadWrite}, {"grads", grads, Access::Read},
-                                   {"backups", backups, Access::Write}, {"ascent", ascent, Access::Write}})
-      : prepare_lists("perturb_", {{"params", params, Access::ReadWrite}, {"grads", grads, Access::Read},
-                                   {"backups", backups, Access::Write}});
+  PreparedLists prep = prepare_perturb_lists(params, grads, backups, ascent);
   const float scale = math::perturb_scale(read_scalar(scalar_on("perturb_", "sumsq", sumsq, prep.device, 1)),
                                           static_cast<float>(rho), static_cast<float>(eps));
   const int mode = !with_ascent ? 0 : ascent_sumsq.has_value() ? 2 : 1;

@@ -58,11 +58,7 @@ void perturb_cuda(TensorRefs params, TensorRefs grads, TensorRefs backups, const
   check_exponent("perturb_", "a", a, 2);
   if (params.empty()) return;
   const bool with_ascent = !ascent.empty();
-  PreparedLists prep = with_ascent
-      ? prepare_lists("perturb_", {{"params", params, Access::ReadWrite}, {"grads", grads, Access::Read},
-                                   {"backups", backups, Access::Write}, {"ascent", ascent, Access::Write}})
-      : prepare_lists("perturb_", {{"params", params, Access::ReadWrite}, {"grads", grads, Access::Read},
-                                   {"backups", backups, Access::Write}});
+  PreparedLists prep = prepare_perturb_lists(params, grads, backups, ascent);
   const c10::cuda::CUDAGuard guard(prep.device);
   const at::Tensor s = scalar_on("perturb_", "sumsq", sumsq, prep.device, 1);
   const int mode = !with_ascent ? 0 : ascent_sumsq.has_value() ? 2 : 1;

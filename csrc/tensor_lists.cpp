@@ -137,6 +137,15 @@ PreparedLists prepare_lists(const char* op, std::initializer_list<ListArg> args)
   return out;
 }
 
+PreparedLists prepare_perturb_lists(TensorRefs params, TensorRefs grads, TensorRefs backups, TensorRefs ascent) {
+  if (ascent.empty()) {
+    return prepare_lists("perturb_", {{"params", params, Access::ReadWrite}, {"grads", grads, Access::Read},
+                                      {"backups", backups, Access::Write}});
+  }
+  return prepare_lists("perturb_", {{"params", params, Access::ReadWrite}, {"grads", grads, Access::Read},
+                                    {"backups", backups, Access::Write}, {"ascent", ascent, Access::Write}});
+}
+
 at::Tensor scalar_on(const char* op, const char* name, const at::Tensor& t, at::Device device,
                      int64_t numel) {
   TORCH_CHECK(t.defined() && t.numel() == numel, "fastsam.", op, ": ", name, " must have ", numel,

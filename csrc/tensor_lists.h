@@ -71,6 +71,10 @@ class PreparedLists {
 // not overlap themselves. Empty lists are not passed here (the op has nothing to do).
 PreparedLists prepare_lists(const char* op, std::initializer_list<ListArg> args);
 
+// perturb_'s lists (params read and written, grads read, backups and the optional GSAM
+// ascent copy written), shared by the CPU and CUDA implementations.
+PreparedLists prepare_perturb_lists(TensorRefs params, TensorRefs grads, TensorRefs backups, TensorRefs ascent);
+
 // A 0-d (or [n]) fp32 scalar tensor on `device`, from a data-dependent scalar argument.
 at::Tensor scalar_on(const char* op, const char* name, const at::Tensor& t, at::Device device,
                      int64_t numel);

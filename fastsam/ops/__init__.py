@@ -55,6 +55,9 @@ AUTO_PREFERENCE = {
 AUTO_DEFAULT = ("foreach",)
 
 
+ALL_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 class BackendUnavailableError(RuntimeError):
     """A backend was requested explicitly but cannot run here; the message says why and how to fix it."""
 
@@ -75,7 +78,21 @@ class Backend:
     gsam_combine_: Callable
     accumulate_: Callable
     unavailable_reason: Callable[[torch.device], Optional[str]]
-    dtypes: tuple = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    dtypes: tuple = ALL_FLOAT_DTYPES
+
+
+def always_available(device: torch.device) -> Optional[str]:
+    """``unavailable_reason`` of a backend that runs on every device."""
+    return None
+
+
+def backend_from_functions(name: str, functions: dict, unavailable_reason=always_available,
+                           dtypes: tuple = ALL_FLOAT_DTYPES) -> Backend:
+    """A Backend whose six ops are the functions named like them in ``functions`` (e.g. a module's globals())."""
+    missing = [op for op in OP_NAMES if not callable(functions.get(op))]
+    if missing:
+        raise TypeError(f"backend {name!r} lacks the ops {missing}")
+    return Backend(name, *(functions[op] for op in OP_NAMES), unavailable_reason=unavailable_reason, dtypes=dtypes)
 
 
 # name -> Backend, or "module:attribute" for backends imported on first use (so that

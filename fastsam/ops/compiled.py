@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastsam.ops import Backend, BackendUnavailableError, check_exponents
+from fastsam.ops import BackendUnavailableError, backend_from_functions, check_exponents
 
 BUILD_HINT = ("reinstall fastsam with `pip install --no-build-isolation -e .` after installing torch "
               "and ninja (a C++ compiler is needed; see README.md)")
@@ -197,11 +197,5 @@ def accumulate_(accum: Sequence[Tensor], grads: Sequence[Tensor], scale: float,
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _backend(name: str, unavailable_reason) -> Backend:
-    return Backend(name=name, sumsq=sumsq, perturb_=perturb_, restore_=restore_, gsam_reduce=gsam_reduce,
-                   gsam_combine_=gsam_combine_, accumulate_=accumulate_, unavailable_reason=unavailable_reason,
-                   dtypes=DTYPES)
-
-
-CPP = _backend("cpp", _cpp_unavailable_reason)
-CUDA = _backend("cuda", _cuda_unavailable_reason)
+CPP = backend_from_functions("cpp", globals(), _cpp_unavailable_reason, DTYPES)
+CUDA = backend_from_functions("cuda", globals(), _cuda_unavailable_reason, DTYPES)

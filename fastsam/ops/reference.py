@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastsam.ops import Backend, check_exponents
+from fastsam.ops import backend_from_functions, check_exponents
 
 
 def _upcast(t: Tensor) -> Tensor:
@@ -100,17 +100,4 @@ def accumulate_(accum: Sequence[Tensor], grads: Sequence[Tensor], scale: float,
             acc.copy_(contribution if init else _upcast(acc) + contribution)
 
 
-def _always_available(device: torch.device) -> Optional[str]:
-    return None
-
-
-BACKEND = Backend(
-    name="reference",
-    sumsq=sumsq,
-    perturb_=perturb_,
-    restore_=restore_,
-    gsam_reduce=gsam_reduce,
-    gsam_combine_=gsam_combine_,
-    accumulate_=accumulate_,
-    unavailable_reason=_always_available,
-)
+BACKEND = backend_from_functions("reference", globals())

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastsam.ops import Backend, check_exponents
+from fastsam.ops import backend_from_functions, check_exponents
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -583,14 +583,4 @@ def accumulate_(accum: Sequence[Tensor], grads: Sequence[Tensor], scale: float,
     launch.finish()
 
 
-BACKEND = Backend(
-    name="triton",
-    sumsq=sumsq,
-    perturb_=perturb_,
-    restore_=restore_,
-    gsam_reduce=gsam_reduce,
-    gsam_combine_=gsam_combine_,
-    accumulate_=accumulate_,
-    unavailable_reason=unavailable_reason,
-    dtypes=SUPPORTED_DTYPES,
-)
+BACKEND = backend_from_functions("triton", globals(), unavailable_reason, SUPPORTED_DTYPES)
