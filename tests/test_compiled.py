@@ -355,17 +355,6 @@ def test_argument_errors_name_the_problem():
         compiled.sumsq([a], [a], b=2)
 
 
-@needs_ext
-def test_empty_lists_are_no_ops():
-    backend = backend_for("cpu")
-    assert backend.sumsq([]).item() == 0.0
-    backend.perturb_([], [], [], torch.tensor(1.0), 0.1)
-    backend.restore_([], [])
-    backend.accumulate_([], [], 1.0, init=True)
-    assert backend.gsam_reduce([], []).tolist() == [0.0, 0.0]
-    backend.gsam_combine_([], [], torch.zeros(2), 0.5)
-
-
 # ---- availability --------------------------------------------------------------------
 
 @needs_ext

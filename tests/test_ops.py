@@ -225,8 +225,8 @@ def test_accumulate(device, name, dtype, kind, init):
         assert_close_scaled(actual, expected, magnitude)
 
 
-@pytest.mark.parametrize("name", ["reference", "foreach"])
-def test_empty_lists_are_no_ops(name):
+@pytest.mark.parametrize("name", ["reference"] + fast_backends("cpu"))
+def test_empty_lists_and_empty_tensors_are_no_ops(name):
     backend = ops.get_backend(name, "cpu")
     assert backend.sumsq([]).item() == 0.0
     backend.perturb_([], [], [], torch.tensor(1.0), 0.1)
@@ -234,6 +234,10 @@ def test_empty_lists_are_no_ops(name):
     backend.accumulate_([], [], 1.0, init=True)
     assert backend.gsam_reduce([], []).tolist() == [0.0, 0.0]
     backend.gsam_combine_([], [], torch.zeros(2), 0.5)
+    empty = [torch.empty(0), torch.empty(2, 0)]
+    assert backend.sumsq(empty).item() == 0.0
+    assert backend.gsam_reduce(empty, empty).tolist() == [0.0, 0.0]
+    backend.perturb_(empty, empty, [torch.empty(0), torch.empty(2, 0)], torch.tensor(1.0), 0.1)
 
 
 def test_reference_formulas_match_closed_form():
