@@ -201,7 +201,7 @@ class SAM(Optimizer):
                             lr_max=lr_max, lr_min=lr_min)
         if backend != "auto" and backend not in ops.backend_names():
             raise ValueError(f"unknown fastsam backend {backend!r}; choose 'auto' or one of {ops.backend_names()}")
-        self._check_perturb_eps(perturb_eps)
+        _check_nonnegative("perturb_eps", perturb_eps)
         if generator is not None and not randsam:
             raise ValueError("generator is only used with randsam=True")
 
@@ -293,10 +293,6 @@ class SAM(Optimizer):
         mine = {id(p) for p in params}
         theirs = {id(p) for group in base.param_groups for p in group["params"]}
         return mine == theirs
-
-    @staticmethod
-    def _check_perturb_eps(value) -> None:
-        _check_nonnegative("perturb_eps", value)
 
     # -- the SAM step --
 

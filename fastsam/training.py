@@ -61,17 +61,16 @@ def _call(model: nn.Module, inputs):
     return model(inputs)
 
 
-def _positive_int(name: str, value) -> int:
+def _positive_int(name: str, value, alternative: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
+        raise ValueError(f"{name} must be a positive int{alternative}; got {value!r}")
     return value
 
 
 def _sub_batch_sizes(batch_size: int, micro_batch: Optional[int]) -> list[int]:
     if micro_batch is None:
         return [batch_size]
-    if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
-        raise ValueError(f"micro_batch must be a positive int or None (whole batch); got {micro_batch!r}")
+    _positive_int("micro_batch", micro_batch, " or None (whole batch)")
     full, rest = divmod(batch_size, micro_batch)
     return [micro_batch] * full + ([rest] if rest else [])
 

@@ -128,6 +128,16 @@ def _split(spec: str) -> list[str]:
     return [s.strip() for s in spec.split(",") if s.strip()]
 
 
+def _choose(spec: str, known, what: str) -> list[str]:
+    """The names of comma-separated ``spec``, each one of ``known``; a usage error names the bad ones."""
+    names = _split(spec)
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise UsageError(f"unknown {what} {', '.join(map(repr, unknown)) or repr(spec)}; "
+                         f"choose from {', '.join(known)}")
+    return names
+
+
 def _available(device: torch.device, notes: list) -> list[str]:
     """ops.available_backends(device); if a registered backend fails to even load, the others
     are still found (and the failure noted), so one broken module cannot stop a whole run."""
@@ -257,13 +267,7 @@ def run_ops(args, device: torch.device, dtype: torch.dtype, backends: dict, note
         workloads = parse_workloads(args.workloads)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    items = list(engine.ITEMS)
-    if args.items:
-        items = _split(args.items)
-        unknown = [i for i in items if i not in engine.ITEMS]
-        if unknown or not items:
-            raise UsageError(f"unknown item {', '.join(map(repr, unknown)) or repr(args.items)}; "
-                             f"choose from {', '.join(engine.ITEMS)}")
+    items = _choose(args.items, engine.ITEMS, "item") if args.items else list(engine.ITEMS)
     plan = []
     for w in workloads:
         names = list(backends)
@@ -296,13 +300,7 @@ def run_ops(args, device: torch.device, dtype: torch.dtype, backends: dict, note
 
 
 def run_e2e(args, device: torch.device, dtype: torch.dtype, backends: dict, notes: list) -> dict:
-    models = list(e2e_mod.MODELS)
-    if args.models:
-        models = _split(args.models)
-        unknown = [m for m in models if m not in e2e_mod.MODELS]
-        if unknown or not models:
-            raise UsageError(f"unknown model {', '.join(map(repr, unknown)) or repr(args.models)}; "
-                             f"choose from {', '.join(e2e_mod.MODELS)}")
+    models = _choose(args.models, e2e_mod.MODELS, "model") if args.models else list(e2e_mod.MODELS)
     settings = e2e_mod.E2ESettings.for_device(device, args.quick)
     micro = len({min(e2e_mod.MICRO_BATCH, settings.batch), settings.batch})
     env = environment(device)
