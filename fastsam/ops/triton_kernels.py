@@ -295,9 +295,14 @@ def sum_partials_kernel(partials, out, n, BLOCK: tl.constexpr):
     """out[row] = sum of partials[row * n : (row + 1) * n], always in the same order."""
     row = tl.program_id(0)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, n, BLOCK):
+    # a while loop, not range(0, n, BLOCK): triton 3.6's interpreter cannot turn the
+    # runtime n into a Python int for range() under numpy 2.4 ("only 0-dimensional arrays
+    # can be converted to Python scalars"); 3.8 can. Both compile it to the same loop.
+    start = 0
+    while start < n:
         index = start + tl.arange(0, BLOCK)
         acc += tl.load(partials + row * n + index, mask=index < n, other=0.0)
+        start += BLOCK
     tl.store(out + row, tl.sum(acc, axis=0))
 
 
