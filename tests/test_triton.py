@@ -171,8 +171,23 @@ def test_every_op_on_many_programs_matches_reference(dtype):
 
 # -- the launch cache ----------------------------------------------------------------------------
 
+@pytest.fixture(params=["native", "python"])
+def cache_key(request, monkeypatch):
+    """Run a cache test with the C++ key (fastsam._C._list_signature) and with the Python one."""
+    if request.param == "native":
+        from fastsam.ops import compiled
+        if compiled.load_extension() is None:
+            pytest.skip(f"fastsam._C is not built: {compiled.extension_error()}")
+        monkeypatch.setattr(tb, "_native_signature", compiled.load_extension()._list_signature)
+    else:
+        monkeypatch.setattr(tb, "_native_signature", None)
+    tb.clear_caches()
+    yield request.param
+    tb.clear_caches()
+
+
 @needs_kernels_on_cpu
-def test_cache_is_revalidated_when_a_gradient_is_replaced():
+def test_cache_is_revalidated_when_a_gradient_is_replaced(cache_key):
     triton_ops = ops.get_backend("triton", "cpu")
     tb.clear_caches()
     grads = [torch.randn(n) for n in (300, 5, 70)]
@@ -197,7 +212,7 @@ def test_cache_is_revalidated_when_a_gradient_is_replaced():
 
 
 @needs_kernels_on_cpu
-def test_cache_is_not_stale_for_another_size_layout_or_dtype_at_the_same_address():
+def test_cache_is_not_stale_for_another_size_layout_or_dtype_at_the_same_address(cache_key):
     triton_ops = ops.get_backend("triton", "cpu")
     raw = torch.empty(1024, dtype=torch.uint8)
     for view in (raw.view(torch.float32)[:50], raw.view(torch.float32)[:30], raw.view(torch.float32)[:64].view(8, 8),
@@ -217,7 +232,30 @@ def test_cache_is_not_stale_for_another_size_layout_or_dtype_at_the_same_address
 
 
 @needs_kernels_on_cpu
-def test_dense_permuted_layouts_run_in_place_and_are_cached():
+def test_cache_sees_a_dtype_change_past_the_first_tensor(cache_key):
+    """A later tensor replaced by one of another dtype at the same address and byte size
+    must not hit the cached launch (its elements would be read as the old dtype)."""
+    triton_ops = ops.get_backend("triton", "cpu")
+    first = torch.randn(10)
+    raw = torch.randn(16)
+    grads = [first, raw]
+    triton_ops.sumsq(grads)
+    grads[1] = raw.view(torch.int32)  # same address, same bytes, another dtype
+    with pytest.raises(TypeError, match=r"tensors\[1\] is torch.int32"):
+        triton_ops.sumsq(grads)
+
+
+def test_native_key_names_a_non_tensor_item():
+    from fastsam.ops import compiled
+    module = compiled.load_extension()
+    if module is None:
+        pytest.skip(f"fastsam._C is not built: {compiled.extension_error()}")
+    with pytest.raises(TypeError, match="item 1 of list 0 is a float, not a tensor"):
+        module._list_signature([[torch.zeros(1), 1.5]])
+
+
+@needs_kernels_on_cpu
+def test_dense_permuted_layouts_run_in_place_and_are_cached(cache_key):
     """channels_last weights with same-layout gradients need no temporaries."""
     triton_ops = ops.get_backend("triton", "cpu")
     params = [torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last), torch.randn(7, 9).t()]

@@ -3,7 +3,8 @@
 Host side: for each call, a table of element offsets (a row per tensor, a column per
 role: params, grads, backups, ...) from one base tensor per role, and a launch plan
 mapping programs to (tensor, block) chunks and tail "lanes" (`build_plan`). Both are
-built once and cached, keyed on the tensors' addresses, byte sizes and layouts, so a new
+built once and cached, keyed on the tensors' addresses, byte sizes, dtypes and layouts
+(read in one C++ pass by fastsam._C where it is built: `_key`), so a new
 gradient tensor costs a new table (a small host-to-device copy from pinned memory) and
 reuses the plan. One launch per op (reductions add one launch that sums the partials in
 a fixed order); data-dependent scalars are read by the kernels from 0-d device tensors,
@@ -262,7 +263,7 @@ class _Cache:
 
 
 _plans = _Cache(64)  # (device, (block, lanes), numels) -> _DevicePlan
-_entries = _Cache(256)  # (device, (block, lanes), dtypes, addresses, byte sizes, layout) -> _Entry
+_entries = _Cache(256)  # _key(...) -> _Entry
 
 
 _graph_entries: dict = {}  # entries used while capturing CUDA graphs: kept for the graphs' lifetime
@@ -377,12 +378,50 @@ def _validate(lists, names, device) -> None:
                 raise ValueError(f"{name}[{i}] has {t.numel()} elements but {names[0]}[{i}] has {lists[0][i].numel()}")
 
 
-def _key(lists, device, blocking, contiguous):
+class _Signature:
+    """fastsam._C._list_signature's result as a dict key: its hash, and its bytes compared on a hit."""
+
+    __slots__ = ("hash", "bytes")
+
+    def __init__(self, pair):
+        self.hash, self.bytes = pair
+
+    def __hash__(self):
+        return self.hash
+
+    def __eq__(self, other):
+        return isinstance(other, _Signature) and self.bytes == other.bytes
+
+
+_UNRESOLVED = object()
+_native_signature = _UNRESOLVED  # fastsam._C._list_signature, or None without the extension
+
+
+def _python_key(lists, device):
+    """The cache key in Python: ~100x slower than the C++ one (see csrc/list_signature.cpp)."""
+    contiguous = all(all(map(_T.is_contiguous, ts)) for ts in lists)
     layout = None if contiguous else tuple(
         tuple(zip(map(_T.size, ts), map(_T.stride, ts))) for ts in lists)
-    return (device, blocking, tuple(ts[0].dtype for ts in lists),
+    return (device, tuple(tuple(t.dtype for t in ts) for ts in lists),
             tuple(tuple(map(_T.data_ptr, ts)) for ts in lists),
             tuple(tuple(map(_nbytes, ts)) for ts in lists), layout)
+
+
+def _key(lists, device, blocking):
+    """What a cached launch must match: every tensor's address, byte size, dtype and layout.
+
+    Computed by the compiled extension's ``_list_signature`` where fastsam._C is built (a
+    few microseconds for hundreds of tensors), else in Python. The kernels are Triton's
+    either way; only this host-side bookkeeping gets faster.
+    """
+    global _native_signature
+    if _native_signature is _UNRESOLVED:
+        from fastsam.ops import compiled
+        module = compiled.load_extension()
+        _native_signature = getattr(module, "_list_signature", None)
+    if _native_signature is None:
+        return (blocking, _python_key(lists, device))
+    return (blocking, _Signature(_native_signature(lists)))
 
 
 def _build_entry(lists, device, blocking) -> Optional[_Entry]:
@@ -423,8 +462,7 @@ def _prepare(lists, names, modes) -> Optional[_Launch]:
     numel = sum(map(_T.numel, lists[0])) if config.min_block_bytes is not None else None
     blocking = config.blocking(lists[0][0].dtype, numel)
     written = [ts for ts, mode in zip(lists, modes) if "w" in mode]
-    contiguous = all(all(map(_T.is_contiguous, ts)) for ts in lists)
-    key = _key(lists, device, blocking, contiguous)
+    key = _key(lists, device, blocking)
     entry = _entries.get(key)
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if entry is not None:  # these exact tensors (addresses, sizes, layouts) were validated before
