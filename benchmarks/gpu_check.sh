@@ -136,6 +136,11 @@ t0=$(date +%s)
 export FASTSAM_EXPECT_BACKENDS_CUDA=${FASTSAM_EXPECT_BACKENDS_CUDA:-cuda,triton}
 # tests/test_experiments.py has no GPU case and imports mnist1d, which the GPU image lacks
 GPU_TEST_ARGS=(-m gpu tests --ignore=tests/test_experiments.py -p no:cacheprovider)
+# Triton compiles each kernel variant on first use (~1 s each, one at a time per process):
+# spread the tests over 4 processes where pytest-xdist is installed (the GPU image has it).
+if [ "$DRY_RUN" != 1 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then
+  GPU_TEST_ARGS+=(-n 4)
+fi
 if [ "$DRY_RUN" = 1 ]; then
   run_limited "$(stage_limit 120 120)" "$OUT/gpu-tests.log" "$PY" -m pytest "${GPU_TEST_ARGS[@]}" --collect-only -q
   rc=$?
