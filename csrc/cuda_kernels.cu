@@ -138,7 +138,8 @@ void with_dtype(Dtype dtype, F&& f) {
 
 int64_t planned_blocks(const std::vector<int64_t>& numels) {
   int64_t blocks = 0;
-  for (int64_t n : numels) blocks += (n + kCudaChunkSize - 1) / kCudaChunkSize;
+  const int64_t chunk = cuda_chunk_size();
+  for (int64_t n : numels) blocks += (n + chunk - 1) / chunk;
   return blocks;
 }
 

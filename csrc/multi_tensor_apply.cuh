@@ -1,7 +1,8 @@
 // Multi-tensor apply for CUDA: one kernel launch covers many tensors. The launch's
 // argument carries, for up to max_tensors(Depth) tensor slots, the address of the tensor
-// in each of the Depth lists and its length, plus a map from thread block to (slot,
-// chunk). The host planner (plan.h: plan_launches) decides the launches; a new one starts
+// in each of the Depth lists, its length, and the launch block where its chunks start
+// (with the chunk they start at); each block finds its slot by binary search over those
+// starts. The host planner (plan.h: plan_launches) decides the launches; a new one starts
 // when the slots or the blocks fill, so launches grow with total size and tensor count
 // over the slot limits, never one per tensor. Each block walks its chunk with kIlp
 // elements per thread, using one vector load/store per list when every address of the
@@ -28,9 +29,11 @@ struct TensorListMeta {
   static constexpr int kMaxTensors = static_cast<int>(cuda_max_tensors(Depth));
   void* addresses[Depth][kMaxTensors];
   int64_t numels[kMaxTensors];
-  unsigned char block_slot[kCudaMaxBlocks];
-  int32_t block_chunk[kCudaMaxBlocks];
+  int32_t slot_first_block[kMaxTensors];  // ascending; slot_first_block[0] == 0
+  int32_t slot_first_chunk[kMaxTensors];
   int64_t first_block;  // global index of this launch's block 0 (for reduction partials)
+  int64_t chunk_size;   // elements per block
+  int32_t slots;
 };
 
 // Kernel parameters are limited to 4 KiB; leave room for the op's own scalars.
@@ -38,7 +41,6 @@ static_assert(sizeof(TensorListMeta<1>) <= 3840, "depth-1 launch argument too la
 static_assert(sizeof(TensorListMeta<2>) <= 3840, "depth-2 launch argument too large");
 static_assert(sizeof(TensorListMeta<3>) <= 3840, "depth-3 launch argument too large");
 static_assert(sizeof(TensorListMeta<4>) <= 3840, "depth-4 launch argument too large");
-static_assert(cuda_max_tensors(1) <= 255, "block_slot is one byte");
 static_assert(kCudaChunkSize % (kIlp * kCudaBlockThreads) == 0, "chunks are whole steps");
 
 template <typename T>
@@ -48,7 +50,7 @@ struct alignas(sizeof(T) * kIlp) Pack {
 
 // The ops take the launch argument by reference. Today everything inlines and ptxas -v
 // reports no stack frame for any kernel with or without it; __grid_constant__ keeps the
-// ~3 KiB struct read in place (not copied to local memory) should an op stop inlining.
+// ~4 KiB struct read in place (not copied to local memory) should an op stop inlining.
 #if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 11 || (__CUDACC_VER_MAJOR__ == 11 && __CUDACC_VER_MINOR__ >= 7))
 #define FASTSAM_GRID_CONSTANT __grid_constant__
 #else
@@ -60,11 +62,23 @@ struct alignas(sizeof(T) * kIlp) Pack {
 template <int Depth, typename Op>
 __global__ void __launch_bounds__(kCudaBlockThreads)
     multi_tensor_kernel(const FASTSAM_GRID_CONSTANT TensorListMeta<Depth> meta, const Op op) {
-  const int slot = meta.block_slot[blockIdx.x];
-  const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kCudaChunkSize;
+  const int32_t block = static_cast<int32_t>(blockIdx.x);
+  // the last slot whose first block is at or before this one (same for the whole block)
+  int lo = 0, hi = meta.slots - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (meta.slot_first_block[mid] <= block) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int slot = lo;
+  const int64_t chunk = static_cast<int64_t>(meta.slot_first_chunk[slot]) + (block - meta.slot_first_block[slot]);
+  const int64_t begin = chunk * meta.chunk_size;
   const int64_t remaining = meta.numels[slot] - begin;
-  const int64_t n = remaining < kCudaChunkSize ? remaining : kCudaChunkSize;
-  op(meta, slot, begin, n, meta.first_block + static_cast<int64_t>(blockIdx.x));
+  const int64_t n = remaining < meta.chunk_size ? remaining : meta.chunk_size;
+  op(meta, slot, begin, n, meta.first_block + static_cast<int64_t>(block));
 }
 
 inline void check_launch(const char* what) {
@@ -76,22 +90,22 @@ inline void check_launch(const char* what) {
 template <int Depth, typename Op>
 void multi_tensor_apply(const FlatLists& lists, const Op& op, cudaStream_t stream) {
   TORCH_CHECK(lists.depth == Depth, "multi_tensor_apply: expected ", Depth, " lists, got ", lists.depth);
-  const auto launches =
-      plan_launches(lists.numels, kCudaChunkSize, TensorListMeta<Depth>::kMaxTensors, kCudaMaxBlocks);
+  const int64_t chunk_size = cuda_chunk_size();
+  const auto launches = plan_launches(lists.numels, chunk_size, TensorListMeta<Depth>::kMaxTensors, kCudaMaxBlocks);
   TensorListMeta<Depth> meta;
+  meta.chunk_size = chunk_size;
   for (const PlannedLaunch& launch : launches) {
     for (size_t slot = 0; slot < launch.tensors.size(); ++slot) {
       const int64_t t = launch.tensors[slot];
       for (int d = 0; d < Depth; ++d) meta.addresses[d][slot] = lists.addresses[d][t];
       meta.numels[slot] = lists.numels[t];
+      meta.slot_first_block[slot] = launch.slot_first_block[slot];
+      meta.slot_first_chunk[slot] = launch.slot_first_chunk[slot];
     }
-    for (size_t b = 0; b < launch.blocks.size(); ++b) {
-      meta.block_slot[b] = static_cast<unsigned char>(launch.blocks[b].slot);
-      meta.block_chunk[b] = launch.blocks[b].chunk;
-    }
+    meta.slots = static_cast<int32_t>(launch.tensors.size());
     meta.first_block = launch.first_block;
     multi_tensor_kernel<Depth, Op>
-        <<<static_cast<unsigned>(launch.blocks.size()), kCudaBlockThreads, 0, stream>>>(meta, op);
+        <<<static_cast<unsigned>(launch.blocks), kCudaBlockThreads, 0, stream>>>(meta, op);
     check_launch("a multi-tensor kernel");
   }
 }

@@ -66,10 +66,12 @@ at::Tensor plan_cuda_launches(c10::IntArrayRef numels, int64_t chunk_size, int64
   std::vector<int64_t> rows;
   for (size_t l = 0; l < launches.size(); ++l) {
     const auto& launch = launches[l];
-    for (size_t b = 0; b < launch.blocks.size(); ++b) {
-      const auto& block = launch.blocks[b];
-      rows.insert(rows.end(), {static_cast<int64_t>(l), launch.first_block + static_cast<int64_t>(b),
-                               block.slot, launch.tensors.at(block.slot), block.chunk});
+    for (size_t s = 0; s < launch.tensors.size(); ++s) {
+      const int64_t end = s + 1 < launch.tensors.size() ? launch.slot_first_block[s + 1] : launch.blocks;
+      for (int64_t b = launch.slot_first_block[s]; b < end; ++b) {
+        rows.insert(rows.end(), {static_cast<int64_t>(l), launch.first_block + b, static_cast<int64_t>(s),
+                                 launch.tensors[s], launch.slot_first_chunk[s] + (b - launch.slot_first_block[s])});
+      }
     }
   }
   at::Tensor out = at::empty({static_cast<int64_t>(rows.size() / 5), 5}, at::kLong);
@@ -79,7 +81,7 @@ at::Tensor plan_cuda_launches(c10::IntArrayRef numels, int64_t chunk_size, int64
 
 // [cpu_item_size, cuda_chunk_size, cuda_block_threads, cuda_max_blocks, cuda_max_tensors(depth 1..4)...]
 std::vector<int64_t> launch_config() {
-  std::vector<int64_t> out{kCpuItemSize, kCudaChunkSize, kCudaBlockThreads, kCudaMaxBlocks};
+  std::vector<int64_t> out{kCpuItemSize, cuda_chunk_size(), kCudaBlockThreads, kCudaMaxBlocks};
   for (int depth = 1; depth <= kCudaMaxDepth; ++depth) out.push_back(cuda_max_tensors(depth));
   return out;
 }

@@ -4,6 +4,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <limits>
 
 namespace fastsam {
@@ -12,13 +14,14 @@ std::vector<PlannedLaunch> plan_launches(const std::vector<int64_t>& numels, int
                                          int64_t max_tensors, int64_t max_blocks) {
   TORCH_CHECK(chunk_size > 0 && max_tensors > 0 && max_blocks > 0,
               "plan_launches: chunk_size, max_tensors and max_blocks must be positive");
+  TORCH_CHECK(max_blocks <= std::numeric_limits<int32_t>::max(), "plan_launches: max_blocks must fit in int32");
   std::vector<PlannedLaunch> launches;
   PlannedLaunch current;
   int64_t blocks_so_far = 0;
   auto flush = [&]() {
-    if (!current.blocks.empty()) {
+    if (current.blocks > 0) {
       current.first_block = blocks_so_far;
-      blocks_so_far += static_cast<int64_t>(current.blocks.size());
+      blocks_so_far += current.blocks;
       launches.push_back(std::move(current));
     }
     current = PlannedLaunch();
@@ -29,18 +32,32 @@ std::vector<PlannedLaunch> plan_launches(const std::vector<int64_t>& numels, int
     const int64_t chunks = (n + chunk_size - 1) / chunk_size;
     TORCH_CHECK(chunks <= std::numeric_limits<int32_t>::max(),
                 "plan_launches: tensor ", t, " has more than 2^31 chunks");
-    for (int64_t c = 0; c < chunks; ++c) {
-      if (current.tensors.empty() || current.tensors.back() != static_cast<int64_t>(t)) {
-        if (static_cast<int64_t>(current.tensors.size()) == max_tensors) flush();
-        current.tensors.push_back(static_cast<int64_t>(t));
-      }
-      const int32_t slot = static_cast<int32_t>(current.tensors.size() - 1);
-      current.blocks.push_back(PlannedBlock{slot, static_cast<int32_t>(c)});
-      if (static_cast<int64_t>(current.blocks.size()) == max_blocks) flush();
+    for (int64_t c = 0; c < chunks;) {
+      if (static_cast<int64_t>(current.tensors.size()) == max_tensors || current.blocks == max_blocks) flush();
+      const int64_t take = std::min(chunks - c, max_blocks - current.blocks);
+      current.tensors.push_back(static_cast<int64_t>(t));
+      current.slot_first_block.push_back(static_cast<int32_t>(current.blocks));
+      current.slot_first_chunk.push_back(static_cast<int32_t>(c));
+      current.blocks += take;
+      c += take;
     }
   }
   flush();
   return launches;
+}
+
+int64_t cuda_chunk_size() {
+  static const int64_t size = [] {
+    const char* text = std::getenv("FASTSAM_CUDA_CHUNK_SIZE");
+    if (text == nullptr || *text == '\0') return kCudaChunkSize;
+    char* end = nullptr;
+    const long long value = std::strtoll(text, &end, 10);
+    const int64_t step = 4 * kCudaBlockThreads;  // kIlp elements per thread per step
+    TORCH_CHECK(end != text && *end == '\0' && value > 0 && value % step == 0 && value <= (int64_t{1} << 30),
+                "FASTSAM_CUDA_CHUNK_SIZE must be a positive multiple of ", step, " up to 2^30; got '", text, "'");
+    return static_cast<int64_t>(value);
+  }();
+  return size;
 }
 
 }  // namespace fastsam

@@ -49,20 +49,20 @@ struct CpuItems {
 // ---- CUDA: multi-tensor-apply launches ---------------------------------------------------
 //
 // Each tensor is cut into chunks of chunk_size elements, one thread block per chunk. A
-// launch carries up to max_tensors tensor slots and max_blocks blocks in its kernel
-// argument; a new launch starts when either fills. A tensor whose chunks do not fit in
-// one launch continues in the next (it then occupies a slot in both). Empty tensors get
-// no slot. Launches therefore grow with total size / (max_blocks * chunk_size) and with
-// tensors / max_tensors, never one per tensor.
-struct PlannedBlock {
-  int32_t slot;   // index into the launch's tensors
-  int32_t chunk;  // chunk index within that tensor
-};
-
+// launch carries up to max_tensors tensor slots in its kernel argument, and for each slot
+// the launch block where its chunks start and the chunk they start at; a block finds its
+// slot by binary search over those starts (multi_tensor_apply.cuh), so the argument holds
+// nothing per block and a launch may have up to max_blocks blocks. A new launch starts
+// when the slots or the blocks fill; a tensor whose chunks do not fit continues in the next
+// (it then occupies a slot in both). Empty tensors get no slot. Launches therefore grow
+// with total size / (max_blocks * chunk_size) and with tensors / max_tensors, never one
+// per tensor.
 struct PlannedLaunch {
-  std::vector<int64_t> tensors;  // tensor index (into the op's lists) for each slot
-  std::vector<PlannedBlock> blocks;
-  int64_t first_block = 0;  // index of blocks[0] among all blocks of the op (partials)
+  std::vector<int64_t> tensors;           // tensor index (into the op's lists) for each slot
+  std::vector<int32_t> slot_first_block;  // launch block where each slot's chunks start
+  std::vector<int32_t> slot_first_chunk;  // the chunk (of its tensor) that block covers
+  int64_t blocks = 0;                     // blocks in this launch
+  int64_t first_block = 0;                // index of block 0 among all blocks of the op (partials)
 };
 
 std::vector<PlannedLaunch> plan_launches(const std::vector<int64_t>& numels, int64_t chunk_size,
@@ -75,12 +75,21 @@ constexpr int64_t kCpuItemSize = 16384;
 
 // The CUDA launch configuration (multi_tensor_apply.cuh checks that a launch's argument
 // fits the 4 KiB kernel-parameter limit). Depth = number of tensor lists an op walks.
-constexpr int64_t kCudaChunkSize = 65536;  // elements per thread block
+// Elements per thread block: the default; FASTSAM_CUDA_CHUNK_SIZE overrides it (a multiple
+// of kIlp * kCudaBlockThreads = 2048), read once (cuda_chunk_size()). With 65536 and a
+// per-block map in the argument (at most 320 blocks a launch), a SAM sub-step on the
+// ResNet-50 set reached 57% of copy bandwidth on an H200 (2026-11-26 GPU check): about
+// 250 blocks a launch could not keep 132 SMs busy.
+constexpr int64_t kCudaChunkSize = 16384;
 constexpr int kCudaBlockThreads = 512;
-constexpr int64_t kCudaMaxBlocks = 320;    // blocks per launch
+constexpr int64_t kCudaMaxBlocks = 8192;  // blocks per launch (block indices stay int32)
 constexpr int64_t cuda_max_tensors(int depth) {
-  return depth == 1 ? 110 : depth == 2 ? 64 : depth == 3 ? 48 : 36;
+  // 8 bytes of address per list, 8 of length and 2 x 4 of block/chunk starts per slot
+  return depth == 1 ? 159 : depth == 2 ? 119 : depth == 3 ? 95 : 79;
 }
 constexpr int kCudaMaxDepth = 4;
+
+// Elements per CUDA thread block in use: kCudaChunkSize unless FASTSAM_CUDA_CHUNK_SIZE is set.
+int64_t cuda_chunk_size();
 
 }  // namespace fastsam

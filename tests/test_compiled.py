@@ -139,8 +139,9 @@ def test_cuda_launch_counts_for_typical_sets():
     # 2000 tiny tensors, perturb_ with GSAM's ascent (4 lists): one launch per full set of slots
     tiny = check_cuda_launches([5] * 2000, chunk, config["max_tensors"][4], blocks)
     assert tiny == math.ceil(2000 / config["max_tensors"][4])
-    # one tensor of 100 chunks plus one of 700: blocks fill, the big tensor continues
-    assert check_cuda_launches([100 * chunk, 700 * chunk], chunk, config["max_tensors"][1], blocks) == 3
+    # a third of a launch's blocks, then a tensor of 2.5 launches: blocks fill, the big tensor continues
+    assert check_cuda_launches([blocks // 3 * chunk, (2 * blocks + blocks // 2) * chunk], chunk,
+                               config["max_tensors"][1], blocks) == 3
 
 
 # ---- closed forms at work-item / chunk boundaries ------------------------------------
