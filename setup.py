@@ -114,6 +114,22 @@ def _openmp_flags(torch):
     return ["-fopenmp"], None
 
 
+def _loaded_libstdcxx():
+    """Path of the libstdc++ shared library this process (which imported torch) runs with.
+
+    None where there is no /proc/self/maps (not Linux) or none is loaded (e.g. libc++).
+    """
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            for line in maps:
+                fields = line.split()
+                if len(fields) >= 6 and os.path.basename(fields[5]).startswith("libstdc++.so"):
+                    return fields[5]
+    except OSError:
+        pass
+    return None
+
+
 def extension_modules():
     """fastsam._C: CPU kernels always, CUDA kernels when torch has CUDA and nvcc is found.
 
@@ -159,15 +175,21 @@ def extension_modules():
     if openmp_reason:
         _note(f"CPU kernels will run on one thread: {openmp_reason}")
     cxx_flags = ["-O3", "-g0"] + openmp
+    # Link the libstdc++ that torch runs with, by path, ahead of the compiler's own. On the
+    # lent H200 machines (2026-11-26) the compiler (/opt/gcc/bin/g++) linked its libstdc++
+    # statically into fastsam._C; two libstdc++ copies in one process then shared one
+    # locale, and formatting any error message (TORCH_CHECK) segfaulted.
+    libstdcxx = _loaded_libstdcxx()
+    link_args = openmp + ([libstdcxx] if libstdcxx else [])
     sources = [os.path.join(CSRC, name) for name in CPU_SOURCES]
     if with_cuda:
         extension = CUDAExtension(
             "fastsam._C", sources + [os.path.join(CSRC, name) for name in CUDA_SOURCES],
             define_macros=[("FASTSAM_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]}, extra_link_args=openmp)
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]}, extra_link_args=link_args)
     else:
         extension = CppExtension("fastsam._C", sources, extra_compile_args={"cxx": cxx_flags},
-                                 extra_link_args=openmp)
+                                 extra_link_args=link_args)
     return [extension], {"build_ext": BuildExtension}
 
 

@@ -127,6 +127,15 @@ else
   BACKENDS=$("$PY" -c "import torch, fastsam; print(','.join(fastsam.available_backends('cuda')))" 2>>"$OUT/build.log")
   echo "== cuda backends available: ${BACKENDS:-none}" | tee -a "$OUT/build.log"
   if [ $rc -eq 0 ] && [[ ",$BACKENDS," != *",cuda,"* ]]; then rc=1; BUILD_NOTE="built, but the cuda backend is unavailable"; fi
+  # A C++ error must come back as a Python error (a statically linked libstdc++ of another
+  # version made every TORCH_CHECK message segfault on these machines once; setup.py).
+  ERR=$("$PY" -c "import torch, fastsam.ops.compiled as c; c.load_extension()
+try:
+    torch.ops.fastsam.restore_([torch.zeros(3)], [torch.zeros(4)])
+except RuntimeError as e:
+    print('ok' if 'has shape' in str(e) else 'wrong message: ' + str(e)[:200])" 2>&1 | tail -1)
+  echo "== C++ error path: ${ERR:-crashed}" | tee -a "$OUT/build.log"
+  if [ $rc -eq 0 ] && [ "$ERR" != ok ]; then rc=1; BUILD_NOTE="C++ errors do not reach Python: ${ERR:-the process crashed}"; fi
   record build "$(status_of $rc)" $(( $(date +%s) - t0 )) "${BUILD_NOTE:-cuda backends: ${BACKENDS:-none}}"
 fi
 
