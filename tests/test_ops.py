@@ -14,7 +14,8 @@ import torch
 
 from fastsam import ops
 from fastsam.ops import reference
-from tests.conftest import DTYPES, assert_close_scaled, backend_cases, expected_backends, fast_backends
+from tests.conftest import (DTYPES, assert_close_scaled, assert_lists_close, assert_lists_equal, backend_cases,
+                            expected_backends, fast_backends)
 
 KINDS = ["odd", "tiny", "noncontig"]
 EXPONENTS = [(0, 0), (2, 1), (1, 1), (1, 0)]
@@ -145,16 +146,15 @@ def test_perturb(device, name, dtype, kind, a, b, gsam):
 
     inv_norm = 1.0 / (sumsq.sqrt().item() + eps)
     (ref_p, _, ref_asc), (got_p, got_b, got_asc) = results["reference"], results["backend"]
-    for w0, expected, actual, backup, g in zip(case.params, ref_p, got_p, got_b, case.grads):
-        assert torch.equal(backup, w0), "backup must be a bit-exact copy of the weights"
-        step = rho * inv_norm * (w0.double().abs() + eta) ** a * g.double().abs()
-        assert_close_scaled(actual, expected, w0.double().abs() + step)
-    if gsam:
-        for expected, actual, g in zip(ref_asc, got_asc, case.grads):
-            if gsam == "raw":
-                assert torch.equal(actual, g)
-            else:
-                assert_close_scaled(actual, expected, g.double().abs() / ascent_sumsq.sqrt().item())
+    assert_lists_equal(got_b, case.params, "backup must be a bit-exact copy of the weights")
+    magnitudes = [w0.double().abs() + rho * inv_norm * (w0.double().abs() + eta) ** a * g.double().abs()
+                  for w0, g in zip(case.params, case.grads)]
+    assert_lists_close(got_p, ref_p, magnitudes)
+    if gsam == "raw":
+        assert_lists_equal(got_asc, case.grads, "the raw ascent copy must be bit-exact")
+    elif gsam:
+        inv_ascent = 1.0 / ascent_sumsq.sqrt().item()
+        assert_lists_close(got_asc, ref_asc, [g.double().abs() * inv_ascent for g in case.grads])
 
 
 @pytest.mark.parametrize("device,name", backend_cases())
@@ -166,8 +166,7 @@ def test_restore_is_bit_exact(device, name, dtype, kind):
     params = case.clone_params()
     backups = [g.clone() for g in case.grads]  # any other values will do
     backend.restore_(params, backups)
-    for p, backup in zip(params, backups):
-        assert torch.equal(p, backup)
+    assert_lists_equal(params, backups, "restore_ must copy the backups bit-exactly")
     if case.owners:
         case.check_outside_untouched(params)
 
@@ -201,8 +200,8 @@ def test_gsam_combine(device, name, dtype, kind, alpha):
         grads = [g.clone() for g in case.grads2]
         impl.gsam_combine_(grads, case.grads, stats, alpha, 1e-12)
         results.append(grads)
-    for expected, actual, gp, g in zip(*results, case.grads2, case.grads):
-        assert_close_scaled(actual, expected, abs(coefficient) * gp.double().abs() + alpha * g.double().abs())
+    assert_lists_close(results[1], results[0], [abs(coefficient) * gp.double().abs() + alpha * g.double().abs()
+                                                for gp, g in zip(case.grads2, case.grads)])
 
 
 @pytest.mark.parametrize("device,name", backend_cases())
@@ -220,9 +219,8 @@ def test_accumulate(device, name, dtype, kind, init):
         results.append(accum)
         if case.owners:
             case.check_outside_untouched(accum)
-    for expected, actual, acc0, g in zip(*results, case.params, case.grads):
-        magnitude = scale * g.double().abs() + (0.0 if init else acc0.double().abs())
-        assert_close_scaled(actual, expected, magnitude)
+    assert_lists_close(results[1], results[0], [scale * g.double().abs() + (0.0 if init else acc0.double().abs())
+                                                for acc0, g in zip(case.params, case.grads)])
 
 
 @pytest.mark.parametrize("name", ["reference"] + fast_backends("cpu"))
