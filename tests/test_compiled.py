@@ -133,6 +133,21 @@ def test_cuda_launch_plan_covers_every_chunk_once_within_slot_limits(depth):
 
 
 @needs_ext
+@pytest.mark.parametrize("value,expected", [("4096", "4096"), ("1000", "must be a positive multiple of 2048")])
+def test_cuda_chunk_size_override(value, expected):
+    """FASTSAM_CUDA_CHUNK_SIZE (for tuning on a GPU) sets the chunk the launcher and the
+    reductions' partial counts use; a value the kernels cannot walk in whole steps is refused."""
+    code = ("import torch, fastsam.ops.compiled as c; c.load_extension()\n"
+            "try:\n    print(torch.ops.fastsam._launch_config()[1])\n"
+            "except RuntimeError as e:\n    print(str(e).splitlines()[0])")
+    env = {**os.environ, "PYTHONPATH": ROOT, "FASTSAM_CUDA_CHUNK_SIZE": value}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert expected in out.stdout.strip().splitlines()[-1]
+
+
+@needs_ext
 def test_cuda_launch_counts_for_typical_sets():
     config = launch_config()
     chunk, blocks = config["chunk"], config["max_blocks"]
