@@ -2,6 +2,9 @@
 # One-shot GPU check: everything a lent GPU should do for fastsam, in one run of < 8 minutes.
 #
 #   benchmarks/gpu_check.sh OUTDIR            on a CUDA machine (offline is fine)
+#   FASTSAM_GIT_COMMIT=<sha> ... OUTDIR       where the copy's .git may not match the files
+#                                             (the lent machines' was stale): the results
+#                                             then name that commit
 #   benchmarks/gpu_check.sh --dry-run OUTDIR  anywhere: the CPU-side steps only (see below)
 #
 # Stages (each one runs even if an earlier one failed; its status is recorded):
@@ -78,7 +81,7 @@ HAS_CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev
 t0=$(date +%s)
 {
   echo "== fastsam GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), dry run: $DRY_RUN"
-  echo "== git: $(git -C "$REPO" rev-parse --short=12 HEAD 2>/dev/null || echo '-') $(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo '(with uncommitted changes)')"
+  echo "== git: $(git -C "$REPO" rev-parse --short=12 HEAD 2>/dev/null || echo '-') $(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo '(with uncommitted changes)')${FASTSAM_GIT_COMMIT:+; FASTSAM_GIT_COMMIT=$FASTSAM_GIT_COMMIT (what the caller says ran)}"
   echo "== nvidia-smi"; nvidia-smi 2>&1 || echo "nvidia-smi not available"
   echo "== nvcc"; (command -v nvcc >/dev/null && nvcc --version) || ls -d /usr/local/cuda* 2>&1 || echo "nvcc not found"
   echo "== python"; "$PY" - <<'EOF' 2>&1
@@ -146,9 +149,10 @@ export FASTSAM_EXPECT_BACKENDS_CUDA=${FASTSAM_EXPECT_BACKENDS_CUDA:-cuda,triton}
 # tests/test_experiments.py has no GPU case and imports mnist1d, which the GPU image lacks
 GPU_TEST_ARGS=(-m gpu tests --ignore=tests/test_experiments.py -p no:cacheprovider)
 # Triton compiles each kernel variant on first use (~1 s each, one at a time per process):
-# spread the tests over 4 processes where pytest-xdist is installed (the GPU image has it).
+# spread the tests over 8 processes where pytest-xdist is installed (the GPU image has it;
+# 16 CPUs there).
 if [ "$DRY_RUN" != 1 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then
-  GPU_TEST_ARGS+=(-n 4)
+  GPU_TEST_ARGS+=(-n 8)
 fi
 if [ "$DRY_RUN" = 1 ]; then
   run_limited "$(stage_limit 120 120)" "$OUT/gpu-tests.log" "$PY" -m pytest "${GPU_TEST_ARGS[@]}" --collect-only -q
@@ -156,7 +160,7 @@ if [ "$DRY_RUN" = 1 ]; then
   # pytest exits 5 when nothing was collected: on a machine without CUDA, the gpu cases exist but are skipped.
   record tests "$(status_of $rc) (collect only)" $(( $(date +%s) - t0 )) "$(grep -E 'collected|selected|error' "$OUT/gpu-tests.log" | tail -1)"
 else
-  run_limited "$(stage_limit 150 150)" "$OUT/gpu-tests.log" "$PY" -m pytest "${GPU_TEST_ARGS[@]}" -q -rfEs --durations=10
+  run_limited "$(stage_limit 200 110)" "$OUT/gpu-tests.log" "$PY" -m pytest "${GPU_TEST_ARGS[@]}" -q -rfEs --durations=10
   rc=$?
   detail=$(grep -E '(passed|failed|error|skipped|no tests ran)' "$OUT/gpu-tests.log" | tail -1 | tr -d '=' | sed 's/^ *//')
   if [ "$HAS_CUDA" != 1 ]; then

@@ -47,6 +47,10 @@ def cuda_driver_version() -> Optional[str]:
 
 
 def _git_commit() -> Optional[str]:
+    # A copy of the tree whose .git is not the source's (the lent GPU machines got a stale
+    # one) cannot say what code ran: the caller can, with FASTSAM_GIT_COMMIT.
+    if os.environ.get("FASTSAM_GIT_COMMIT"):
+        return os.environ["FASTSAM_GIT_COMMIT"]
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
