@@ -63,17 +63,7 @@ template <int Depth, typename Op>
 __global__ void __launch_bounds__(kCudaBlockThreads)
     multi_tensor_kernel(const FASTSAM_GRID_CONSTANT TensorListMeta<Depth> meta, const Op op) {
   const int32_t block = static_cast<int32_t>(blockIdx.x);
-  // the last slot whose first block is at or before this one (same for the whole block)
-  int lo = 0, hi = meta.slots - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (meta.slot_first_block[mid] <= block) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  const int slot = lo;
+  const int slot = slot_of_block(meta.slot_first_block, meta.slots, block);  // same for the whole block
   const int64_t chunk = static_cast<int64_t>(meta.slot_first_chunk[slot]) + (block - meta.slot_first_block[slot]);
   const int64_t begin = chunk * meta.chunk_size;
   const int64_t remaining = meta.numels[slot] - begin;

@@ -66,12 +66,11 @@ at::Tensor plan_cuda_launches(c10::IntArrayRef numels, int64_t chunk_size, int64
   std::vector<int64_t> rows;
   for (size_t l = 0; l < launches.size(); ++l) {
     const auto& launch = launches[l];
-    for (size_t s = 0; s < launch.tensors.size(); ++s) {
-      const int64_t end = s + 1 < launch.tensors.size() ? launch.slot_first_block[s + 1] : launch.blocks;
-      for (int64_t b = launch.slot_first_block[s]; b < end; ++b) {
-        rows.insert(rows.end(), {static_cast<int64_t>(l), launch.first_block + b, static_cast<int64_t>(s),
-                                 launch.tensors[s], launch.slot_first_chunk[s] + (b - launch.slot_first_block[s])});
-      }
+    const int slots = static_cast<int>(launch.tensors.size());
+    for (int32_t b = 0; b < launch.blocks; ++b) {  // each block's lookup, as the kernel does it
+      const int s = slot_of_block(launch.slot_first_block.data(), slots, b);
+      rows.insert(rows.end(), {static_cast<int64_t>(l), launch.first_block + b, static_cast<int64_t>(s),
+                               launch.tensors[s], launch.slot_first_chunk[s] + (b - launch.slot_first_block[s])});
     }
   }
   at::Tensor out = at::empty({static_cast<int64_t>(rows.size() / 5), 5}, at::kLong);

@@ -4,6 +4,8 @@
 // exceeds its slots (debug ops fastsam::_plan_cpu_items and fastsam::_plan_cuda_launches).
 #pragma once
 
+#include <c10/macros/Macros.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -67,6 +69,23 @@ struct PlannedLaunch {
 
 std::vector<PlannedLaunch> plan_launches(const std::vector<int64_t>& numels, int64_t chunk_size,
                                          int64_t max_tensors, int64_t max_blocks);
+
+// The slot that launch block `block` belongs to: the last of the `slots` slots whose first
+// block (`slot_first_block`, ascending from 0) is at or before it. The CUDA kernel calls
+// this for its block; the `_plan_cuda_launches` debug op calls it for every block, so the
+// CPU tests check the lookup the GPU runs.
+C10_HOST_DEVICE inline int slot_of_block(const int32_t* slot_first_block, int slots, int32_t block) {
+  int lo = 0, hi = slots - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (slot_first_block[mid] <= block) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
 
 // Elements per CPU work item (64 KiB of fp32). Not sensitive: a SAM sub-step on the
 // ResNet-50 and 4096-tiny-tensor sets took the same time (within +-5%, medians of 15,
