@@ -53,11 +53,12 @@ def tolerance(dtype: torch.dtype, reduction: bool = False) -> float:
 
 
 def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, magnitude, dtype=None,
-                        reduction: bool = False):
+                        reduction: bool = False, describe=None):
     """|actual - expected| <= tol(dtype) * (|expected| + magnitude) + step, elementwise.
 
     ``magnitude`` is the size of the operands that an implementation rounds on the way
-    (a tensor broadcastable to ``expected`` or a float). ``step`` is the dtype's subnormal
+    (a tensor broadcastable to ``expected`` or a float); ``describe(flat_index)``, if given,
+    names the failing element in the message. ``step`` is the dtype's subnormal
     spacing (2^-24 in fp16): below the smallest normal number a rounding errs by up to
     half a step whatever the magnitude, so two roundings by up to one step. fp16 perturbed
     weights of ~3e-6 hit this on a GPU, where the foreach backend's fused multiply-add
@@ -78,7 +79,7 @@ def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, magnitude,
         raise AssertionError(
             f"{int(bad.sum())} of {e.numel()} elements out of tolerance ({dtype}); first at flat index {i}: "
             f"actual {a.reshape(-1)[i].item()!r}, expected {e.reshape(-1)[i].item()!r}, "
-            f"bound {bound.reshape(-1)[i].item()!r}")
+            f"bound {bound.reshape(-1)[i].item()!r}" + (f" [{describe(i)}]" if describe else ""))
 
 
 def _flat(tensors) -> torch.Tensor:
@@ -106,11 +107,8 @@ def assert_lists_close(actuals, expecteds, magnitudes, dtype=None):
         assert a.shape == e.shape and a.dtype == e.dtype, f"{a.shape}/{a.dtype} vs {e.shape}/{e.dtype}"
     if not isinstance(magnitudes, (int, float)):
         magnitudes = _flat([m.double() for m in magnitudes])
-    try:
-        assert_close_scaled(_flat(actuals), _flat(expecteds), magnitudes, dtype or expecteds[0].dtype)
-    except AssertionError as error:
-        index = int(str(error).split("flat index ")[1].split(":")[0])
-        raise AssertionError(f"{error} [{_where(expecteds, index)}]") from None
+    assert_close_scaled(_flat(actuals), _flat(expecteds), magnitudes, dtype or expecteds[0].dtype,
+                        describe=lambda index: _where(expecteds, index))
 
 
 def assert_lists_equal(actuals, expecteds, message: str):

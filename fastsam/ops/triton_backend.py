@@ -465,7 +465,7 @@ def _prepare(lists, names, modes) -> Optional[_Launch]:
     key = _key(lists, device, blocking)
     entry = _entries.get(key)
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if entry is not None:  # these exact tensors (addresses, sizes, layouts) were validated before
+    if entry is not None:  # these exact tensors (addresses, sizes, dtypes, layouts) were validated before
         if capturing:  # a captured graph replays the table's address: it must outlive the cache
             _graph_entries[id(entry)] = entry
         bases = tuple(ts[entry.base_index] for ts in lists)
