@@ -21,7 +21,8 @@
 #
 # Each stage has a time limit, and all of them share a budget of FASTSAM_GPU_CHECK_BUDGET
 # seconds (default 440), so the whole run stays under 8 minutes; a stage that reaches its
-# limit gets SIGINT (pytest and fastsam-bench then report and save what they have).
+# limit gets SIGINT (pytest and fastsam-bench then report and save what they have). The GPU
+# tests get at most FASTSAM_GPU_TESTS_LIMIT seconds (default 200) of that budget.
 #
 # --dry-run: runs the same script on the CPU to exercise it: the build command is shown,
 # not run (an in-place build would write into a shared checkout), the GPU tests are only
@@ -160,7 +161,7 @@ if [ "$DRY_RUN" = 1 ]; then
   # pytest exits 5 when nothing was collected: on a machine without CUDA, the gpu cases exist but are skipped.
   record tests "$(status_of $rc) (collect only)" $(( $(date +%s) - t0 )) "$(grep -E 'collected|selected|error' "$OUT/gpu-tests.log" | tail -1)"
 else
-  run_limited "$(stage_limit 200 110)" "$OUT/gpu-tests.log" "$PY" -m pytest "${GPU_TEST_ARGS[@]}" -q -rfEs --durations=10
+  run_limited "$(stage_limit "${FASTSAM_GPU_TESTS_LIMIT:-200}" 110)" "$OUT/gpu-tests.log" "$PY" -m pytest "${GPU_TEST_ARGS[@]}" -q -rfEs --durations=10
   rc=$?
   detail=$(grep -E '(passed|failed|error|skipped|no tests ran)' "$OUT/gpu-tests.log" | tail -1 | tr -d '=' | sed 's/^ *//')
   if [ "$HAS_CUDA" != 1 ]; then

@@ -42,10 +42,17 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workloads", default="resnet50,tiny")
     parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--backends", help="comma-separated (default: every available one but reference)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     names = [n for n in fastsam.available_backends(device) if n != "reference"]
+    if args.backends:
+        wanted = args.backends.split(",")
+        missing = sorted(set(wanted) - set(names))
+        if missing:
+            parser.error(f"backends not available on {device}: {', '.join(missing)} (available: {', '.join(names)})")
+        names = wanted
     print(f"host vs wall time per call, {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"torch {torch.__version__}, {args.calls} calls x 5 rounds, medians")

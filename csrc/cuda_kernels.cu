@@ -31,16 +31,16 @@ template <typename T, int B>
 struct SumsqOp {  // lists: grads[, params]
   float* partials;
   float eta;
-  template <int Depth>
-  __device__ void operator()(const TensorListMeta<Depth>& meta, int slot, int64_t begin, int64_t n,
+  template <typename Meta>
+  __device__ void operator()(const Meta& meta, int slot, int64_t begin, int64_t n,
                              int64_t block) const {
     float acc[1] = {0.0f};
     constexpr unsigned reads = B == 0 ? bit(0) : bit(0) | bit(1);
-    for_each_element<T, Depth, reads, 0u>(meta, slot, begin, n, [&](T(&v)[Depth]) {
+    for_each_element<T, reads, 0u>(meta, slot, begin, n, [&](T(&v)[Meta::kDepth]) {
       if constexpr (B == 0) {
         acc[0] += math::sumsq_term<0>(load(v[0]), 0.0f, eta);
       } else {
-        acc[0] += math::sumsq_term<B>(load(v[0]), load(v[Depth - 1]), eta);
+        acc[0] += math::sumsq_term<B>(load(v[0]), load(v[Meta::kDepth - 1]), eta);
       }
     });
     block_sum_store<1>(acc, partials + block);
@@ -54,18 +54,18 @@ struct PerturbOp {  // lists: params, grads, backups[, ascent]
   const float* ascent_sumsq;
   float rho, eta, eps;
   int a;  // ASAM exponent, a run-time branch (see math.h)
-  template <int Depth>
-  __device__ void operator()(const TensorListMeta<Depth>& meta, int slot, int64_t begin, int64_t n,
+  template <typename Meta>
+  __device__ void operator()(const Meta& meta, int slot, int64_t begin, int64_t n,
                              int64_t) const {
     const float scale = math::perturb_scale(*sumsq, rho, eps);
     const float ascent_inv = AscentMode == 2 ? math::inverse_norm(*ascent_sumsq, eps) : 0.0f;
     constexpr unsigned writes = bit(kParam) | bit(kBackup) | (AscentMode ? bit(kAscent) : 0u);
-    for_each_element<T, Depth, bit(kParam) | bit(kGrad), writes>(meta, slot, begin, n, [&](T(&v)[Depth]) {
+    for_each_element<T, bit(kParam) | bit(kGrad), writes>(meta, slot, begin, n, [&](T(&v)[Meta::kDepth]) {
       const float w = load(v[kParam]);
       const float g = load(v[kGrad]);
       v[kBackup] = v[kParam];  // bit-exact
-      if constexpr (AscentMode == 1) v[Depth - 1] = v[kGrad];
-      if constexpr (AscentMode == 2) v[Depth - 1] = static_cast<T>(math::normalized_ascent(g, ascent_inv));
+      if constexpr (AscentMode == 1) v[Meta::kDepth - 1] = v[kGrad];
+      if constexpr (AscentMode == 2) v[Meta::kDepth - 1] = static_cast<T>(math::normalized_ascent(g, ascent_inv));
       v[kParam] = static_cast<T>(math::perturbed(w, g, scale, eta, a));
     });
   }
@@ -73,21 +73,21 @@ struct PerturbOp {  // lists: params, grads, backups[, ascent]
 
 template <typename T>
 struct RestoreOp {  // lists: params, backups
-  template <int Depth>
-  __device__ void operator()(const TensorListMeta<Depth>& meta, int slot, int64_t begin, int64_t n,
+  template <typename Meta>
+  __device__ void operator()(const Meta& meta, int slot, int64_t begin, int64_t n,
                              int64_t) const {
-    for_each_element<T, Depth, bit(1), bit(0)>(meta, slot, begin, n, [&](T(&v)[Depth]) { v[0] = v[1]; });
+    for_each_element<T, bit(1), bit(0)>(meta, slot, begin, n, [&](T(&v)[Meta::kDepth]) { v[0] = v[1]; });
   }
 };
 
 template <typename T>
 struct GsamReduceOp {  // lists: ascent, grads
   float* partials;
-  template <int Depth>
-  __device__ void operator()(const TensorListMeta<Depth>& meta, int slot, int64_t begin, int64_t n,
+  template <typename Meta>
+  __device__ void operator()(const Meta& meta, int slot, int64_t begin, int64_t n,
                              int64_t block) const {
     float acc[2] = {0.0f, 0.0f};
-    for_each_element<T, Depth, bit(0) | bit(1), 0u>(meta, slot, begin, n, [&](T(&v)[Depth]) {
+    for_each_element<T, bit(0) | bit(1), 0u>(meta, slot, begin, n, [&](T(&v)[Meta::kDepth]) {
       const float a = load(v[0]), p = load(v[1]);
       acc[0] += math::dot_term(a, p);
       acc[1] += math::sumsq_term<0>(p, p, 0.0f);
@@ -100,11 +100,11 @@ template <typename T>
 struct GsamCombineOp {  // lists: grads, ascent
   const float* stats;
   float alpha, eps;
-  template <int Depth>
-  __device__ void operator()(const TensorListMeta<Depth>& meta, int slot, int64_t begin, int64_t n,
+  template <typename Meta>
+  __device__ void operator()(const Meta& meta, int slot, int64_t begin, int64_t n,
                              int64_t) const {
     const math::GsamCoefficients c = math::gsam_coefficients(stats[0], stats[1], eps);
-    for_each_element<T, Depth, bit(0) | bit(1), bit(0)>(meta, slot, begin, n, [&](T(&v)[Depth]) {
+    for_each_element<T, bit(0) | bit(1), bit(0)>(meta, slot, begin, n, [&](T(&v)[Meta::kDepth]) {
       v[0] = static_cast<T>(math::gsam_combined(load(v[0]), load(v[1]), c, alpha));
     });
   }
@@ -113,11 +113,11 @@ struct GsamCombineOp {  // lists: grads, ascent
 template <typename T, bool Init>
 struct AccumulateOp {  // lists: accum, grads
   float scale;
-  template <int Depth>
-  __device__ void operator()(const TensorListMeta<Depth>& meta, int slot, int64_t begin, int64_t n,
+  template <typename Meta>
+  __device__ void operator()(const Meta& meta, int slot, int64_t begin, int64_t n,
                              int64_t) const {
     constexpr unsigned reads = Init ? bit(1) : bit(0) | bit(1);
-    for_each_element<T, Depth, reads, bit(0)>(meta, slot, begin, n, [&](T(&v)[Depth]) {
+    for_each_element<T, reads, bit(0)>(meta, slot, begin, n, [&](T(&v)[Meta::kDepth]) {
       const float previous = Init ? 0.0f : load(v[0]);
       v[0] = static_cast<T>(math::accumulated<Init>(previous, load(v[1]), scale));
     });
@@ -135,6 +135,8 @@ void with_dtype(Dtype dtype, F&& f) {
 }
 
 }  // namespace
+
+bool large_params_built() { return FASTSAM_LARGE_KERNEL_PARAMS != 0; }
 
 int64_t planned_blocks(const std::vector<int64_t>& numels) {
   int64_t blocks = 0;

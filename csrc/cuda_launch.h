@@ -19,6 +19,9 @@ using Stream = CUstream_st*;
 
 enum class Dtype { kFloat, kHalf, kBFloat16 };
 
+// Whether this build launches with arguments over 4 KiB (CUDA >= 12.1; plan.h).
+bool large_params_built();
+
 // Partials one reduction writes: one per planned block (plan.h), `width` floats each.
 int64_t planned_blocks(const std::vector<int64_t>& numels);
 

@@ -1,5 +1,6 @@
 // Multi-tensor apply for CUDA: one kernel launch covers many tensors. The launch's
-// argument carries, for up to max_tensors(Depth) tensor slots, the address of the tensor
+// argument (4 KiB, or 32 KiB for lists that do not fit and where CUDA >= 12.1 allows it)
+// carries, for each of its tensor slots, the address of the tensor
 // in each of the Depth lists, its length, and the launch block where its chunks start
 // (with the chunk they start at); each block finds its slot by binary search over those
 // starts. The host planner (plan.h: plan_launches) decides the launches; a new one starts
@@ -24,24 +25,43 @@ namespace cuda {
 
 constexpr int kIlp = 4;  // elements per thread per step
 
-template <int Depth>
+// What a launch needs to know, passed by value as its kernel argument: up to Slots tensors.
+template <int Depth, int Slots>
 struct TensorListMeta {
-  static constexpr int kMaxTensors = static_cast<int>(cuda_max_tensors(Depth));
-  void* addresses[Depth][kMaxTensors];
-  int64_t numels[kMaxTensors];
-  int32_t slot_first_block[kMaxTensors];  // ascending; slot_first_block[0] == 0
-  int32_t slot_first_chunk[kMaxTensors];
+  static constexpr int kDepth = Depth;
+  static constexpr int kMaxTensors = Slots;
+  void* addresses[Depth][Slots];
+  int64_t numels[Slots];
+  int32_t slot_first_block[Slots];  // ascending; slot_first_block[0] == 0
+  int32_t slot_first_chunk[Slots];
   int64_t first_block;  // global index of this launch's block 0 (for reduction partials)
   int64_t chunk_size;   // elements per block
   int32_t slots;
 };
 
-// Kernel parameters are limited to 4 KiB; leave room for the op's own scalars.
-static_assert(sizeof(TensorListMeta<1>) <= 3840, "depth-1 launch argument too large");
-static_assert(sizeof(TensorListMeta<2>) <= 3840, "depth-2 launch argument too large");
-static_assert(sizeof(TensorListMeta<3>) <= 3840, "depth-3 launch argument too large");
-static_assert(sizeof(TensorListMeta<4>) <= 3840, "depth-4 launch argument too large");
+template <int Depth>
+using SmallMeta = TensorListMeta<Depth, static_cast<int>(cuda_max_tensors(Depth))>;
+template <int Depth>
+using LargeMeta = TensorListMeta<Depth, static_cast<int>(cuda_max_tensors_large(Depth))>;
+
+// Kernel parameters are limited to 4 KiB, or 32764 bytes from CUDA 12.1 on sm_70+; leave
+// room for the op's own scalars (at most 64 bytes today).
+constexpr size_t kSmallArgumentBytes = 3840, kLargeArgumentBytes = 32764 - 128;
+static_assert(sizeof(SmallMeta<1>) <= kSmallArgumentBytes && sizeof(SmallMeta<2>) <= kSmallArgumentBytes &&
+                  sizeof(SmallMeta<3>) <= kSmallArgumentBytes && sizeof(SmallMeta<4>) <= kSmallArgumentBytes,
+              "a 4 KiB launch argument is too large");
+static_assert(sizeof(LargeMeta<1>) <= kLargeArgumentBytes && sizeof(LargeMeta<2>) <= kLargeArgumentBytes &&
+                  sizeof(LargeMeta<3>) <= kLargeArgumentBytes && sizeof(LargeMeta<4>) <= kLargeArgumentBytes,
+              "a 32 KiB launch argument is too large");
 static_assert(kCudaChunkSize % (kIlp * kCudaBlockThreads) == 0, "chunks are whole steps");
+
+// CUDA 12.1 raised the kernel-parameter limit to 32764 bytes (for sm_70 and newer; CUDA 13
+// supports nothing older). Built with an older CUDA, every launch uses the 4 KiB argument.
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+#define FASTSAM_LARGE_KERNEL_PARAMS 1
+#else
+#define FASTSAM_LARGE_KERNEL_PARAMS 0
+#endif
 
 template <typename T>
 struct alignas(sizeof(T) * kIlp) Pack {
@@ -50,7 +70,7 @@ struct alignas(sizeof(T) * kIlp) Pack {
 
 // The ops take the launch argument by reference. Today everything inlines and ptxas -v
 // reports no stack frame for any kernel with or without it; __grid_constant__ keeps the
-// ~4 KiB struct read in place (not copied to local memory) should an op stop inlining.
+// 4 or 32 KiB struct read in place (not copied to local memory) should an op stop inlining.
 #if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 11 || (__CUDACC_VER_MAJOR__ == 11 && __CUDACC_VER_MINOR__ >= 7))
 #define FASTSAM_GRID_CONSTANT __grid_constant__
 #else
@@ -59,9 +79,9 @@ struct alignas(sizeof(T) * kIlp) Pack {
 
 // One block per planned chunk: op(meta, slot, begin, n, block) handles elements
 // [begin, begin + n) of the tensors in `slot`; `block` is its global index.
-template <int Depth, typename Op>
+template <typename Meta, typename Op>
 __global__ void __launch_bounds__(kCudaBlockThreads)
-    multi_tensor_kernel(const FASTSAM_GRID_CONSTANT TensorListMeta<Depth> meta, const Op op) {
+    multi_tensor_kernel(const FASTSAM_GRID_CONSTANT Meta meta, const Op op) {
   const int32_t block = static_cast<int32_t>(blockIdx.x);
   const int slot = slot_of_block(meta.slot_first_block, meta.slots, block);  // same for the whole block
   const int64_t chunk = static_cast<int64_t>(meta.slot_first_chunk[slot]) + (block - meta.slot_first_block[slot]);
@@ -76,27 +96,52 @@ inline void check_launch(const char* what) {
   TORCH_CHECK(error == cudaSuccess, "fastsam: launching ", what, " failed: ", cudaGetErrorString(error));
 }
 
-// Launches op over lists.addresses[0..Depth) (tensors already checked and laid out flat).
-template <int Depth, typename Op>
-void multi_tensor_apply(const FlatLists& lists, const Op& op, cudaStream_t stream) {
-  TORCH_CHECK(lists.depth == Depth, "multi_tensor_apply: expected ", Depth, " lists, got ", lists.depth);
-  const int64_t chunk_size = cuda_chunk_size();
-  const auto launches = plan_launches(lists.numels, chunk_size, TensorListMeta<Depth>::kMaxTensors, kCudaMaxBlocks);
-  TensorListMeta<Depth> meta;
+template <typename Meta, typename Op>
+void launch_planned(const FlatLists& lists, const Op& op, int64_t chunk_size, cudaStream_t stream) {
+  const auto launches = plan_launches(lists.numels, chunk_size, Meta::kMaxTensors, kCudaMaxBlocks);
+  Meta meta;
   meta.chunk_size = chunk_size;
   for (const PlannedLaunch& launch : launches) {
     for (size_t slot = 0; slot < launch.tensors.size(); ++slot) {
       const int64_t t = launch.tensors[slot];
-      for (int d = 0; d < Depth; ++d) meta.addresses[d][slot] = lists.addresses[d][t];
+      for (int d = 0; d < Meta::kDepth; ++d) meta.addresses[d][slot] = lists.addresses[d][t];
       meta.numels[slot] = lists.numels[t];
       meta.slot_first_block[slot] = launch.slot_first_block[slot];
       meta.slot_first_chunk[slot] = launch.slot_first_chunk[slot];
     }
     meta.slots = static_cast<int32_t>(launch.tensors.size());
     meta.first_block = launch.first_block;
-    multi_tensor_kernel<Depth, Op>
-        <<<static_cast<unsigned>(launch.blocks), kCudaBlockThreads, 0, stream>>>(meta, op);
-    check_launch("a multi-tensor kernel");
+    multi_tensor_kernel<Meta, Op><<<static_cast<unsigned>(launch.blocks), kCudaBlockThreads, 0, stream>>>(meta, op);
+    if (sizeof(Meta) > kSmallArgumentBytes) {
+      const cudaError_t error = cudaGetLastError();
+      TORCH_CHECK(error == cudaSuccess, "fastsam: launching a multi-tensor kernel with a ", sizeof(Meta),
+                  "-byte argument failed: ", cudaGetErrorString(error),
+                  ". Arguments over 4 KiB need a driver for CUDA >= 12.1 and a GPU of compute capability "
+                  ">= 7.0; set FASTSAM_CUDA_LARGE_PARAMS=0 to launch with 4 KiB arguments instead.");
+    } else {
+      check_launch("a multi-tensor kernel");
+    }
+  }
+}
+
+// Launches op over lists.addresses[0..Depth) (tensors already checked and laid out flat),
+// with the 4 KiB argument when the tensors fit in it, else (where built and not switched
+// off) the 32 KiB one (plan.h: cuda_slots_for).
+template <int Depth, typename Op>
+void multi_tensor_apply(const FlatLists& lists, const Op& op, cudaStream_t stream) {
+  TORCH_CHECK(lists.depth == Depth, "multi_tensor_apply: expected ", Depth, " lists, got ", lists.depth);
+  const int64_t chunk_size = cuda_chunk_size();
+  int64_t tensors = 0;
+  for (int64_t n : lists.numels) tensors += n > 0;
+  const bool large = FASTSAM_LARGE_KERNEL_PARAMS && cuda_large_params_requested();
+  if (cuda_slots_for(Depth, tensors, large) == SmallMeta<Depth>::kMaxTensors) {
+    launch_planned<SmallMeta<Depth>>(lists, op, chunk_size, stream);
+  } else {
+#if FASTSAM_LARGE_KERNEL_PARAMS
+    launch_planned<LargeMeta<Depth>>(lists, op, chunk_size, stream);
+#else
+    TORCH_CHECK(false, "multi_tensor_apply: large launch arguments were not built");  // unreachable
+#endif
   }
 }
 
@@ -110,9 +155,9 @@ __device__ __forceinline__ bool is_pack_aligned(const T* p) {
 // Walks elements [0, n) of one chunk. For each element, the values of the lists in
 // `Reads` (a bit mask over list indices) are loaded into v[d], fn(v) updates v, and the
 // lists in `Writes` are stored back from v[d].
-template <typename T, int Depth, unsigned Reads, unsigned Writes, typename Fn>
-__device__ __forceinline__ void for_each_element(const TensorListMeta<Depth>& meta, int slot, int64_t begin,
-                                                 int64_t n, Fn&& fn) {
+template <typename T, unsigned Reads, unsigned Writes, typename Meta, typename Fn>
+__device__ __forceinline__ void for_each_element(const Meta& meta, int slot, int64_t begin, int64_t n, Fn&& fn) {
+  constexpr int Depth = Meta::kDepth;
   T* ptr[Depth];
   bool aligned = n % kIlp == 0;
 #pragma unroll

@@ -9,6 +9,9 @@
 #include <torch/library.h>
 
 #include "plan.h"
+#ifdef FASTSAM_WITH_CUDA
+#include "cuda_launch.h"
+#endif
 
 namespace fastsam {
 
@@ -78,10 +81,17 @@ at::Tensor plan_cuda_launches(c10::IntArrayRef numels, int64_t chunk_size, int64
   return out;
 }
 
-// [cpu_item_size, cuda_chunk_size, cuda_block_threads, cuda_max_blocks, cuda_max_tensors(depth 1..4)...]
+// [cpu_item_size, cuda_chunk_size, cuda_block_threads, cuda_max_blocks,
+//  cuda_max_tensors(depth 1..4)..., cuda_max_tensors_large(depth 1..4)..., large arguments in use (0/1)]
 std::vector<int64_t> launch_config() {
   std::vector<int64_t> out{kCpuItemSize, cuda_chunk_size(), kCudaBlockThreads, kCudaMaxBlocks};
   for (int depth = 1; depth <= kCudaMaxDepth; ++depth) out.push_back(cuda_max_tensors(depth));
+  for (int depth = 1; depth <= kCudaMaxDepth; ++depth) out.push_back(cuda_max_tensors_large(depth));
+#ifdef FASTSAM_WITH_CUDA
+  out.push_back(cuda::large_params_built() && cuda_large_params_requested());
+#else
+  out.push_back(0);
+#endif
   return out;
 }
 

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <limits>
+#include <string>
 
 namespace fastsam {
 
@@ -58,6 +59,17 @@ int64_t cuda_chunk_size() {
     return static_cast<int64_t>(value);
   }();
   return size;
+}
+
+bool cuda_large_params_requested() {
+  static const bool requested = [] {
+    const char* text = std::getenv("FASTSAM_CUDA_LARGE_PARAMS");
+    if (text == nullptr || *text == '\0') return true;
+    const std::string value(text);
+    TORCH_CHECK(value == "0" || value == "1", "FASTSAM_CUDA_LARGE_PARAMS must be 0 or 1; got '", value, "'");
+    return value == "1";
+  }();
+  return requested;
 }
 
 }  // namespace fastsam

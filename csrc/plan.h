@@ -93,7 +93,7 @@ C10_HOST_DEVICE inline int slot_of_block(const int32_t* slot_first_block, int sl
 constexpr int64_t kCpuItemSize = 16384;
 
 // The CUDA launch configuration (multi_tensor_apply.cuh checks that a launch's argument
-// fits the 4 KiB kernel-parameter limit). Depth = number of tensor lists an op walks.
+// fits the kernel-parameter limit). Depth = number of tensor lists an op walks.
 // Elements per thread block: the default; FASTSAM_CUDA_CHUNK_SIZE overrides it (a multiple
 // of kIlp * kCudaBlockThreads = 2048), read once (cuda_chunk_size()). With 65536 and a
 // per-block map in the argument (at most 320 blocks a launch), a SAM sub-step on the
@@ -102,11 +102,30 @@ constexpr int64_t kCpuItemSize = 16384;
 constexpr int64_t kCudaChunkSize = 16384;
 constexpr int kCudaBlockThreads = 512;
 constexpr int64_t kCudaMaxBlocks = 8192;  // blocks per launch (block indices stay int32)
+constexpr int kCudaMaxDepth = 4;
+// Slots of a launch whose argument fits the classic 4 KiB kernel-parameter limit:
+// 8 bytes of address per list, 8 of length and 2 x 4 of block/chunk starts per slot.
 constexpr int64_t cuda_max_tensors(int depth) {
-  // 8 bytes of address per list, 8 of length and 2 x 4 of block/chunk starts per slot
   return depth == 1 ? 159 : depth == 2 ? 119 : depth == 3 ? 95 : 79;
 }
-constexpr int kCudaMaxDepth = 4;
+// Slots of a launch whose argument uses CUDA 12.1's 32 KiB limit (sm_70 and newer, built
+// with CUDA >= 12.1). The 4 KiB launches put the ResNet-50 set's 161 tensors in two
+// launches per op, and the second launch (a few tensors) costs a launch gap and a
+// partial wave: 77% of copy bandwidth for a SAM sub-step on an H200 against 85% for the
+// one-launch-per-op triton kernels (2026-11-26). Lists that fit 4 KiB keep it.
+constexpr int64_t cuda_max_tensors_large(int depth) {
+  return depth == 1 ? 1350 : depth == 2 ? 1015 : depth == 3 ? 810 : 675;
+}
+// The slots per launch the launcher uses for `tensors` non-empty tensors over `depth`
+// lists: the 4 KiB argument when they fit in it or large arguments are off, else the large one.
+constexpr int64_t cuda_slots_for(int depth, int64_t tensors, bool large_params) {
+  return large_params && tensors > cuda_max_tensors(depth) ? cuda_max_tensors_large(depth) : cuda_max_tensors(depth);
+}
+
+// Whether launches may use the 32 KiB argument: unless FASTSAM_CUDA_LARGE_PARAMS=0 (for
+// measuring against the 4 KiB launches), read once; the CUDA code adds whether it was
+// built with CUDA >= 12.1 (cuda::large_params_built()).
+bool cuda_large_params_requested();
 
 // Elements per CUDA thread block in use: kCudaChunkSize unless FASTSAM_CUDA_CHUNK_SIZE is set.
 int64_t cuda_chunk_size();

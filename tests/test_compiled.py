@@ -24,7 +24,7 @@ import torch
 
 from fastsam import ops
 from fastsam.ops import compiled, reference
-from tests.conftest import DTYPES, assert_close_scaled
+from tests.conftest import DTYPES, assert_close_scaled, assert_lists_close, assert_lists_equal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXT_ERROR = compiled.extension_error()
@@ -37,7 +37,17 @@ DEVICES = [pytest.param("cpu", marks=needs_ext), pytest.param("cuda", marks=gpu)
 def launch_config() -> dict:
     values = torch.ops.fastsam._launch_config()
     return dict(cpu_item=values[0], chunk=values[1], threads=values[2], max_blocks=values[3],
-                max_tensors={depth: values[3 + depth] for depth in range(1, 5)})
+                max_tensors={depth: values[3 + depth] for depth in range(1, 5)},
+                max_tensors_large={depth: values[7 + depth] for depth in range(1, 5)},
+                large_params=bool(values[12]))
+
+
+def launch_slots(config: dict, depth: int, tensors: int) -> int:
+    """Slots per launch the CUDA launcher uses (plan.h: cuda_slots_for): the 4 KiB argument
+    when the non-empty tensors fit in it, else the 32 KiB one where that is in use."""
+    if config["large_params"] and tensors > config["max_tensors"][depth]:
+        return config["max_tensors_large"][depth]
+    return config["max_tensors"][depth]
 
 
 def backend_for(device: str):
@@ -119,10 +129,11 @@ def check_cuda_launches(numels: list[int], chunk: int, max_tensors: int, max_blo
 
 
 @needs_ext
+@pytest.mark.parametrize("argument", ["max_tensors", "max_tensors_large"], ids=["4KiB", "32KiB"])
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
-def test_cuda_launch_plan_covers_every_chunk_once_within_slot_limits(depth):
+def test_cuda_launch_plan_covers_every_chunk_once_within_slot_limits(depth, argument):
     config = launch_config()
-    chunk, max_tensors, max_blocks = config["chunk"], config["max_tensors"][depth], config["max_blocks"]
+    chunk, max_tensors, max_blocks = config["chunk"], config[argument][depth], config["max_blocks"]
     for numels in numel_sets(chunk):
         check_cuda_launches(numels, chunk, max_tensors, max_blocks)
     # toy limits exercise every way a launch fills (slots first, blocks first, mid-tensor)
@@ -147,13 +158,43 @@ def test_cuda_chunk_size_override(value, expected):
     assert expected in out.stdout.strip().splitlines()[-1]
 
 
+def large_params_by_default() -> bool:
+    """32 KiB launch arguments need CUDA >= 12.1 at build time (the build uses torch's CUDA)."""
+    version = tuple(int(x) for x in (torch.version.cuda or "0.0").split(".")[:2])
+    return compiled.cuda_kernels_built() and version >= (12, 1)
+
+
+@needs_ext
+@pytest.mark.parametrize("value", [None, "1", "0", "yes"])
+def test_cuda_large_params_switch(value):
+    """32 KiB launch arguments are on wherever the CUDA kernels were built with CUDA >= 12.1;
+    FASTSAM_CUDA_LARGE_PARAMS=0 turns them off (for measuring), other values are refused."""
+    code = ("import torch, fastsam.ops.compiled as c; c.load_extension()\n"
+            "try:\n    print(torch.ops.fastsam._launch_config()[12])\n"
+            "except RuntimeError as e:\n    print(str(e).splitlines()[0])")
+    env = {k: v for k, v in os.environ.items() if k != "FASTSAM_CUDA_LARGE_PARAMS"}
+    if value is not None:
+        env["FASTSAM_CUDA_LARGE_PARAMS"] = value
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "PYTHONPATH": ROOT},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.strip().splitlines()[-1]
+    if value == "yes":
+        assert "FASTSAM_CUDA_LARGE_PARAMS must be 0 or 1" in last
+    else:
+        assert last == str(int(value != "0" and large_params_by_default()))
+
+
 @needs_ext
 def test_cuda_launch_counts_for_typical_sets():
     config = launch_config()
     chunk, blocks = config["chunk"], config["max_blocks"]
     # 2000 tiny tensors, perturb_ with GSAM's ascent (4 lists): one launch per full set of slots
-    tiny = check_cuda_launches([5] * 2000, chunk, config["max_tensors"][4], blocks)
-    assert tiny == math.ceil(2000 / config["max_tensors"][4])
+    for argument in ("max_tensors", "max_tensors_large"):
+        tiny = check_cuda_launches([5] * 2000, chunk, config[argument][4], blocks)
+        assert tiny == math.ceil(2000 / config[argument][4])
+    # the ResNet-50 set's 161 tensors: one launch per op for every depth with 32 KiB arguments
+    assert min(config["max_tensors_large"].values()) >= 161 > config["max_tensors"][1]
     # a third of a launch's blocks, then a tensor of 2.5 launches: blocks fill, the big tensor continues
     assert check_cuda_launches([blocks // 3 * chunk, (2 * blocks + blocks // 2) * chunk], chunk,
                                config["max_tensors"][1], blocks) == 3
@@ -462,31 +503,47 @@ def test_missing_extension_is_reported_with_the_build_command():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu)])
 def test_multi_launch_sets_match_reference(device, dtype):
-    """More tensors than slots and a tensor longer than one launch's blocks, with GSAM's
-    ascent (4 lists: fewest slots), plus unaligned views (the scalar path)."""
+    """More tensors than the slots in use (so several launches even with 32 KiB arguments),
+    for one list (sumsq) and for GSAM's ascent (4 lists), a tensor longer than one launch's
+    blocks, and unaligned views (the scalar path)."""
     config = launch_config()
     gen = torch.Generator().manual_seed(11)
-    sizes = [config["chunk"] * config["max_blocks"] + 12345] + torch.randint(1, 3000, (150,), generator=gen).tolist()
+    count = launch_slots(config, 1, 10**6) + 1
+    assert count > launch_slots(config, 4, count)
+    sizes = [config["chunk"] * config["max_blocks"] + 12345] + torch.randint(1, 300, (count,), generator=gen).tolist()
     params = [torch.randn(n + 1, generator=gen).to(device=device, dtype=dtype)[i % 2:][:n]
               for i, n in enumerate(sizes)]
     grads = [torch.randn(n, generator=gen).to(device=device, dtype=dtype) * 0.1 for n in sizes]
     backend = backend_for(device)
     s = reference.sumsq(grads, params, 1, 0.01)
     assert_close_scaled(backend.sumsq(grads, params, 1, 0.01), s, 0.0, dtype, reduction=True)
+    assert_close_scaled(backend.sumsq(grads), reference.sumsq(grads), 0.0, dtype, reduction=True)
     expected = [p.clone() for p in params]
     reference.perturb_(expected, grads, [torch.empty_like(p) for p in params], s, 0.3, 2, 1, 0.01)
     backups, ascent = [torch.empty_like(p) for p in params], [torch.empty_like(g) for g in grads]
     originals = [p.clone() for p in params]
     backend.perturb_(params, grads, backups, s, 0.3, 2, 1, 0.01, 1e-12, ascent)
-    for p, e, b, o, g, a in zip(params, expected, backups, originals, grads, ascent):
-        assert torch.equal(b, o) and torch.equal(a, g)
-        assert_close_scaled(p, e, e.double().abs() + g.double().abs())
+    assert_lists_equal(backups, originals, "backups must be bit-exact copies")
+    assert_lists_equal(ascent, grads, "the raw ascent must be a bit-exact copy of the gradients")
+    assert_lists_close(params, expected, [e.double().abs() + g.double().abs() for e, g in zip(expected, grads)])
     stats = backend.gsam_reduce(ascent, grads)
     expected_stats = reference.gsam_reduce(ascent, grads)
     abs_dot = sum((x.double() * y.double()).abs().sum() for x, y in zip(ascent, grads))
     assert_close_scaled(stats[0], expected_stats[0], abs_dot, dtype, reduction=True)
     backend.restore_(params, backups)
-    assert all(torch.equal(p, o) for p, o in zip(params, originals))
+    assert_lists_equal(params, originals, "restore must be bit-exact")
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu)])
+def test_multi_launch_sets_with_4kib_arguments(device):
+    """The same sets with FASTSAM_CUDA_LARGE_PARAMS=0 (every launch within 4 KiB), in a
+    fresh process since the switch is read once."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "FASTSAM_CUDA_LARGE_PARAMS": "0"}
+    test = f"{os.path.relpath(__file__, ROOT)}::test_multi_launch_sets_match_reference"
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-m", "gpu", test],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "3 passed" in out.stdout, out.stdout[-2000:]
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu)])
