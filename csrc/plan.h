@@ -98,7 +98,8 @@ constexpr int64_t kCpuItemSize = 16384;
 // of kIlp * kCudaBlockThreads = 2048), read once (cuda_chunk_size()). With 65536 and a
 // per-block map in the argument (at most 320 blocks a launch), a SAM sub-step on the
 // ResNet-50 set reached 57% of copy bandwidth on an H200 (2026-11-26 GPU check): about
-// 250 blocks a launch could not keep 132 SMs busy.
+// 250 blocks a launch could not keep 132 SMs busy. With one launch per op, 8192, 16384 and
+// 32768 gave 84%, 83% and 82% there (one process each, same H200).
 constexpr int64_t kCudaChunkSize = 16384;
 constexpr int kCudaBlockThreads = 512;
 constexpr int64_t kCudaMaxBlocks = 8192;  // blocks per launch (block indices stay int32)
@@ -112,7 +113,10 @@ constexpr int64_t cuda_max_tensors(int depth) {
 // with CUDA >= 12.1). The 4 KiB launches put the ResNet-50 set's 161 tensors in two
 // launches per op, and the second launch (a few tensors) costs a launch gap and a
 // partial wave: 77% of copy bandwidth for a SAM sub-step on an H200 against 85% for the
-// one-launch-per-op triton kernels (2026-11-26). Lists that fit 4 KiB keep it.
+// one-launch-per-op triton kernels (2026-11-26). With this argument the same H200 run
+// measured 0.202 ms (84%) against 0.218 ms (78%) with FASTSAM_CUDA_LARGE_PARAMS=0, and the
+// host time per call did not change (88 vs 87 us; benchmarks/results/nvidia-h200-2026-11-26-3).
+// Lists that fit 4 KiB keep it.
 constexpr int64_t cuda_max_tensors_large(int depth) {
   return depth == 1 ? 1350 : depth == 2 ? 1015 : depth == 3 ? 810 : 675;
 }
