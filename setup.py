@@ -33,6 +33,20 @@ CPU_SOURCES = ["ops.cpp", "plan.cpp", "tensor_lists.cpp", "cpu_kernels.cpp", "ea
 CUDA_SOURCES = ["cuda_ops.cpp", "cuda_kernels.cu"]
 
 
+def _archs_before_volta(arch_list):
+    """The entries of a TORCH_CUDA_ARCH_LIST value ("6.1;8.0", "7.5 8.6+PTX", "9.0a",
+    "Pascal;Ampere") older than compute capability 7.0. Kernel arguments over 4 KiB
+    (CUDA >= 12.1) need 7.0 or newer: for such a list the kernels launch with 4 KiB only."""
+    old_names = {"kepler", "tesla", "maxwell", "pascal"}
+    older = []
+    for entry in arch_list.replace(";", " ").split():
+        parts = entry.lower().split("+")  # "8.6+PTX", "Kepler+Tesla"
+        major = parts[0].split(".")[0]
+        if parts[0] in old_names or (major.isdigit() and int(major) < 7):
+            older.append(entry)
+    return older
+
+
 def _env_flag(name):
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -165,6 +179,12 @@ def extension_modules():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
         _note(f"building CPU and CUDA kernels (CUDA_HOME={cuda_home}, "
               f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')})")
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or " ".join(
+            "%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))
+        older_archs = _archs_before_volta(arch_list)
+        if older_archs:
+            _note(f"architectures before compute capability 7.0 ({', '.join(older_archs)}): every CUDA "
+                  "launch will use 4 KiB of arguments (more launches for lists of many tensors)")
     else:
         _note(f"building CPU kernels only: {cuda_reason}")
 
@@ -185,7 +205,7 @@ def extension_modules():
     if with_cuda:
         extension = CUDAExtension(
             "fastsam._C", sources + [os.path.join(CSRC, name) for name in CUDA_SOURCES],
-            define_macros=[("FASTSAM_WITH_CUDA", None)],
+            define_macros=[("FASTSAM_WITH_CUDA", None)] + ([("FASTSAM_NO_LARGE_KERNEL_PARAMS", None)] if older_archs else []),
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]}, extra_link_args=link_args)
     else:
         extension = CppExtension("fastsam._C", sources, extra_compile_args={"cxx": cxx_flags},

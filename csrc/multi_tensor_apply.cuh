@@ -56,8 +56,9 @@ static_assert(sizeof(LargeMeta<1>) <= kLargeArgumentBytes && sizeof(LargeMeta<2>
 static_assert(kCudaChunkSize % (kIlp * kCudaBlockThreads) == 0, "chunks are whole steps");
 
 // CUDA 12.1 raised the kernel-parameter limit to 32764 bytes (for sm_70 and newer; CUDA 13
-// supports nothing older). Built with an older CUDA, every launch uses the 4 KiB argument.
-#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+// supports nothing older). Built with an older CUDA, or for an older GPU (setup.py then
+// defines FASTSAM_NO_LARGE_KERNEL_PARAMS), every launch uses the 4 KiB argument.
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010 && !defined(FASTSAM_NO_LARGE_KERNEL_PARAMS)
 #define FASTSAM_LARGE_KERNEL_PARAMS 1
 #else
 #define FASTSAM_LARGE_KERNEL_PARAMS 0

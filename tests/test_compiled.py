@@ -159,9 +159,31 @@ def test_cuda_chunk_size_override(value, expected):
 
 
 def large_params_by_default() -> bool:
-    """32 KiB launch arguments need CUDA >= 12.1 at build time (the build uses torch's CUDA)."""
+    """32 KiB launch arguments need CUDA >= 12.1 at build time (the build uses torch's CUDA)
+    and no architecture before 7.0 in the build (CI and gpu_check build for 8.0 and newer)."""
     version = tuple(int(x) for x in (torch.version.cuda or "0.0").split(".")[:2])
     return compiled.cuda_kernels_built() and version >= (12, 1)
+
+
+def load_setup_helper(name: str):
+    """A helper function of setup.py, compiled alone (importing setup.py would run setup())."""
+    import ast
+    with open(os.path.join(ROOT, "setup.py"), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    namespace: dict = {}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), "setup.py", "exec"), namespace)
+    return namespace[name]
+
+
+@pytest.mark.parametrize("arch_list,older", [
+    ("8.0;9.0+PTX", []), ("7.0 7.5 8.6+PTX 9.0a 10.0 12.0", []), ("6.1;8.0", ["6.1"]),
+    ("5.2 6.0+PTX 7.0", ["5.2", "6.0+PTX"]), ("Pascal;Volta;Ampere", ["Pascal"]), ("Kepler+Tesla Hopper", ["Kepler+Tesla"]),
+])
+def test_setup_finds_archs_that_cannot_take_large_kernel_arguments(arch_list, older):
+    """setup.py builds with 4 KiB launch arguments only when an architecture predates 7.0
+    (ptxas refuses larger ones there)."""
+    assert load_setup_helper("_archs_before_volta")(arch_list) == older
 
 
 @needs_ext
