@@ -73,6 +73,12 @@ void for_items(const CpuItems& items, const F& per_item) {
   });
 }
 
+// Element-wise ops: per_segment(tensor, lo, hi) for every segment of every item, in parallel.
+template <typename F>
+void for_segments(const CpuItems& items, const F& per_segment) {
+  for_items(items, [&](int64_t k) { items.for_each_segment(k, per_segment); });
+}
+
 // ---- 4-wide fp32 vectors for the reductions ----------------------------------------------
 //
 // GCC's auto-vectoriser turned the 16-lane accumulation into shuffles and stack spills
@@ -311,12 +317,10 @@ void perturb_cpu(TensorRefs params, TensorRefs grads, TensorRefs backups,
     with_constant<2>(a, [&](auto A) {
       with_constant<2>(mode, [&](auto Mode) {
         constexpr int kMode = decltype(Mode)::value;
-        for_items(items, [&](int64_t k) {
-          items.for_each_segment(k, [&](int64_t t, int64_t lo, int64_t hi) {
-            perturb_segment<scalar_t, decltype(A)::value, kMode>(
-                l.at<scalar_t>(0, t), l.at<scalar_t>(1, t), l.at<scalar_t>(2, t),
-                kMode ? l.at<scalar_t>(3, t) : nullptr, lo, hi, scale, eta_f, ascent_inv);
-          });
+        for_segments(items, [&](int64_t t, int64_t lo, int64_t hi) {
+          perturb_segment<scalar_t, decltype(A)::value, kMode>(
+              l.at<scalar_t>(0, t), l.at<scalar_t>(1, t), l.at<scalar_t>(2, t),
+              kMode ? l.at<scalar_t>(3, t) : nullptr, lo, hi, scale, eta_f, ascent_inv);
         });
       });
     });
@@ -331,10 +335,8 @@ void restore_cpu(TensorRefs params, TensorRefs backups) {
   const CpuItems items(prep.flat.numels, kItemSize);
   const size_t itemsize = c10::elementSize(prep.dtype);
   const FlatLists& l = prep.flat;
-  for_items(items, [&](int64_t k) {
-    items.for_each_segment(k, [&](int64_t t, int64_t lo, int64_t hi) {
-      std::memcpy(l.at<char>(0, t) + lo * itemsize, l.at<char>(1, t) + lo * itemsize, (hi - lo) * itemsize);
-    });
+  for_segments(items, [&](int64_t t, int64_t lo, int64_t hi) {
+    std::memcpy(l.at<char>(0, t) + lo * itemsize, l.at<char>(1, t) + lo * itemsize, (hi - lo) * itemsize);
   });
   prep.write_back();
 }
@@ -368,10 +370,8 @@ void gsam_combine_cpu(TensorRefs grads, TensorRefs ascent, const at::Tensor& sta
   const CpuItems items(prep.flat.numels, kItemSize);
   FASTSAM_DISPATCH(prep.dtype, "fastsam_gsam_combine_cpu", [&] {
     const FlatLists& l = prep.flat;
-    for_items(items, [&](int64_t k) {
-      items.for_each_segment(k, [&](int64_t t, int64_t lo, int64_t hi) {
-        gsam_combine_segment<scalar_t>(l.at<scalar_t>(0, t), l.at<scalar_t>(1, t), lo, hi, coefficients, alpha_f);
-      });
+    for_segments(items, [&](int64_t t, int64_t lo, int64_t hi) {
+      gsam_combine_segment<scalar_t>(l.at<scalar_t>(0, t), l.at<scalar_t>(1, t), lo, hi, coefficients, alpha_f);
     });
   });
   prep.write_back();
@@ -385,14 +385,12 @@ void accumulate_cpu(TensorRefs accum, TensorRefs grads, double scale, bool init)
   const CpuItems items(prep.flat.numels, kItemSize);
   FASTSAM_DISPATCH(prep.dtype, "fastsam_accumulate_cpu", [&] {
     const FlatLists& l = prep.flat;
-    for_items(items, [&](int64_t k) {
-      items.for_each_segment(k, [&](int64_t t, int64_t lo, int64_t hi) {
-        if (init) {
-          accumulate_segment<scalar_t, true>(l.at<scalar_t>(0, t), l.at<scalar_t>(1, t), lo, hi, scale_f);
-        } else {
-          accumulate_segment<scalar_t, false>(l.at<scalar_t>(0, t), l.at<scalar_t>(1, t), lo, hi, scale_f);
-        }
-      });
+    for_segments(items, [&](int64_t t, int64_t lo, int64_t hi) {
+      if (init) {
+        accumulate_segment<scalar_t, true>(l.at<scalar_t>(0, t), l.at<scalar_t>(1, t), lo, hi, scale_f);
+      } else {
+        accumulate_segment<scalar_t, false>(l.at<scalar_t>(0, t), l.at<scalar_t>(1, t), lo, hi, scale_f);
+      }
     });
   });
   prep.write_back();
