@@ -92,9 +92,10 @@ __global__ void __launch_bounds__(kCudaBlockThreads)
   op(meta, slot, begin, n, meta.first_block + static_cast<int64_t>(block));
 }
 
-inline void check_launch(const char* what) {
+// `hint`, if not empty, follows the CUDA error in the message (what the user can do).
+inline void check_launch(const char* what, const char* hint = "") {
   const cudaError_t error = cudaGetLastError();
-  TORCH_CHECK(error == cudaSuccess, "fastsam: launching ", what, " failed: ", cudaGetErrorString(error));
+  TORCH_CHECK(error == cudaSuccess, "fastsam: launching ", what, " failed: ", cudaGetErrorString(error), hint);
 }
 
 template <typename Meta, typename Op>
@@ -113,15 +114,11 @@ void launch_planned(const FlatLists& lists, const Op& op, int64_t chunk_size, cu
     meta.slots = static_cast<int32_t>(launch.tensors.size());
     meta.first_block = launch.first_block;
     multi_tensor_kernel<Meta, Op><<<static_cast<unsigned>(launch.blocks), kCudaBlockThreads, 0, stream>>>(meta, op);
-    if (sizeof(Meta) > kSmallArgumentBytes) {
-      const cudaError_t error = cudaGetLastError();
-      TORCH_CHECK(error == cudaSuccess, "fastsam: launching a multi-tensor kernel with a ", sizeof(Meta),
-                  "-byte argument failed: ", cudaGetErrorString(error),
-                  ". Arguments over 4 KiB need a driver for CUDA >= 12.1 and a GPU of compute capability "
-                  ">= 7.0; set FASTSAM_CUDA_LARGE_PARAMS=0 to launch with 4 KiB arguments instead.");
-    } else {
-      check_launch("a multi-tensor kernel");
-    }
+    check_launch("a multi-tensor kernel",
+                 sizeof(Meta) <= kSmallArgumentBytes
+                     ? ""
+                     : ". Kernel arguments over 4 KiB need a driver for CUDA >= 12.1 and a GPU of compute "
+                       "capability >= 7.0; set FASTSAM_CUDA_LARGE_PARAMS=0 to launch with 4 KiB arguments instead.");
   }
 }
 
@@ -132,18 +129,15 @@ template <int Depth, typename Op>
 void multi_tensor_apply(const FlatLists& lists, const Op& op, cudaStream_t stream) {
   TORCH_CHECK(lists.depth == Depth, "multi_tensor_apply: expected ", Depth, " lists, got ", lists.depth);
   const int64_t chunk_size = cuda_chunk_size();
-  int64_t tensors = 0;
-  for (int64_t n : lists.numels) tensors += n > 0;
-  const bool large = FASTSAM_LARGE_KERNEL_PARAMS && cuda_large_params_requested();
-  if (cuda_slots_for(Depth, tensors, large) == SmallMeta<Depth>::kMaxTensors) {
-    launch_planned<SmallMeta<Depth>>(lists, op, chunk_size, stream);
-  } else {
 #if FASTSAM_LARGE_KERNEL_PARAMS
+  int64_t tensors = 0;  // non-empty ones: empty tensors take no slot
+  for (int64_t n : lists.numels) tensors += n > 0;
+  if (cuda_slots_for(Depth, tensors, cuda_large_params_requested()) == LargeMeta<Depth>::kMaxTensors) {
     launch_planned<LargeMeta<Depth>>(lists, op, chunk_size, stream);
-#else
-    TORCH_CHECK(false, "multi_tensor_apply: large launch arguments were not built");  // unreachable
-#endif
+    return;
   }
+#endif
+  launch_planned<SmallMeta<Depth>>(lists, op, chunk_size, stream);
 }
 
 // ---- device helpers for the ops' block functions ----
