@@ -2,7 +2,7 @@
 
 The package itself is pure Python. Compiled backends (the ``fastsam._C`` extension) are
 added here by ``extension_modules()``; install with ``--no-build-isolation`` so they are
-compiled against the torch that will run them (README.md, BUILD-NOTES).
+compiled against the torch that will run them (README.md, docs/BUILDING.md).
 """
 
 import functools
@@ -22,7 +22,7 @@ from setuptools import find_packages, setup
 #   TORCH_CUDA_ARCH_LIST      CUDA architectures, e.g. "8.0;9.0"; default below
 #   CUDA_HOME                 CUDA toolkit root; found automatically when unset
 # Build with `pip install --no-build-isolation -e .` after installing torch (and ninja):
-# the extension must be compiled against the torch that will run it (BUILD-NOTES).
+# the extension must be compiled against the torch that will run it (docs/BUILDING.md).
 
 # Used when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible (torch's own detection
 # needs one): Ampere and Hopper machine code plus Hopper PTX, which newer GPUs JIT-compile.
@@ -190,7 +190,7 @@ def extension_modules():
 
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    # -g0 and <ATen/ATen.h>-free includes keep the build short (BUILD-NOTES: ~2x faster).
+    # -g0 and <ATen/ATen.h>-free includes keep the build short (docs/BUILDING.md: ~2x faster).
     openmp, openmp_reason = _openmp_flags(torch)
     if openmp_reason:
         _note(f"CPU kernels will run on one thread: {openmp_reason}")

@@ -1,7 +1,7 @@
 """pytest-benchmark cases: each op and sub-step per (workload, backend), and whole training steps.
 
 Groups are one (workload, item) or one model, so pytest-benchmark's table compares the
-backends side by side. ``extra_info`` carries the bytes moved (DESIGN.md's floor), the
+backends side by side. ``extra_info`` carries the bytes moved (docs/DESIGN.md's floor), the
 achieved GB/s and the % of the session's measured copy bandwidth. Timing here is
 pytest-benchmark's host clock around a synchronised call (the CLI uses CUDA events on a
 GPU, so on small GPU workloads the CLI's numbers are the tighter ones).

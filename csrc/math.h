@@ -21,7 +21,7 @@ FASTSAM_HD float abs_value(float x) {
   return ::fabsf(x);
 }
 
-// ASAM's T^P with T = |w| + eta (PAPER.md section 2), P in {0, 1, 2}. The exponent is a
+// ASAM's T^P with T = |w| + eta (docs/ALGORITHMS.md §2), P in {0, 1, 2}. The exponent is a
 // template parameter so that the kernels compile one branch-free loop per exponent.
 template <int P, typename V>
 FASTSAM_HD V adaptive_power(V w, float eta) {

@@ -1,4 +1,4 @@
-"""Freeze BatchNorm running statistics during SAM's perturbed passes (PAPER.md section 6).
+"""Freeze BatchNorm running statistics during SAM's perturbed passes (docs/ALGORITHMS.md §6).
 
 Running statistics must come from the unperturbed forward only. Turning
 ``track_running_stats`` off for the perturbed pass makes BatchNorm normalise with batch

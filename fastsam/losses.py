@@ -1,4 +1,4 @@
-"""Ascent losses: output-bias forgetting (OBF), the seed paper's perturbation (PAPER.md section 4).
+"""Ascent losses: output-bias forgetting (OBF), the seed paper's perturbation (docs/ALGORITHMS.md §4).
 
 OBF keeps SAM's normalise-and-perturb step but takes the ascent direction from a loss on
 the model's outputs. The surrogate is linear in the logits z, with detached coefficients:

@@ -1,6 +1,6 @@
 """fastsam.SAM: the SAM-family optimizer (SAM, ASAM, GSAM, RandSAM; OBF via the ascent loss).
 
-One SAM sub-step (PAPER.md sections 1-5) is: global norm of the ascent direction ->
+One SAM sub-step (docs/ALGORITHMS.md §§1-5) is: global norm of the ascent direction ->
 perturb with an exact backup -> (descent backward by the caller) -> restore -> GSAM
 combination -> optional accumulation. The bookkeeping runs through a backend of the ops
 contract (fastsam.ops) on lists of tensors grouped into buckets of one device, dtype and
@@ -183,7 +183,7 @@ class SAM(Optimizer):
     Global options: ``gsam_normalize_ascent`` (GSAM's "normalised backup"), ``randsam``
     (the ascent direction is N(0, I) noise drawn from ``generator``), ``backend``
     ('auto', 'reference', 'foreach', or a compiled backend), ``perturb_eps`` (the
-    guard xi = 1e-12 of PAPER.md; not called ``eps`` so that e.g. AdamW's ``eps`` still
+    guard xi = 1e-12 of docs/ALGORITHMS.md; not called ``eps`` so that e.g. AdamW's ``eps`` still
     reaches the base optimizer) and ``check_finite`` (refuse a base step whose gradients
     are inf/nan, at the cost of one host synchronisation per step; a GradScaler
     replaces the check).

@@ -1,4 +1,4 @@
-"""Schedules for the perturbation radius rho (PAPER.md section 3).
+"""Schedules for the perturbation radius rho (docs/ALGORITHMS.md §3).
 
 GSAM lets rho follow the learning rate, so that the perturbation shrinks as training
 anneals. The optimizer reads the current lr of each param group (whatever scheduler set

@@ -1,4 +1,4 @@
-"""Sharpness measures (PAPER.md section 7): the top Hessian eigenvalue and m-sharpness.
+"""Sharpness measures (docs/ALGORITHMS.md §7): the top Hessian eigenvalue and m-sharpness.
 
 ``hessian_top_eigenvalue`` runs power iteration on Hessian-vector products (double
 backward through the loss on a fixed set of examples, model in eval mode). The Rayleigh
@@ -82,7 +82,7 @@ def hessian_top_eigenvalue(model: nn.Module, loss_fn: LossFn, inputs: Tensor, ta
 
     Power iteration ``v <- Hv / ||Hv||`` from a seeded N(0, I) start, at most ``iters``
     Hessian-vector products; it stops once successive Rayleigh quotients differ by at most
-    ``tol * |latest|`` (PAPER.md section 7: 100 iterations, tolerance 1e-4). Power
+    ``tol * |latest|`` (docs/ALGORITHMS.md §7: 100 iterations, tolerance 1e-4). Power
     iteration finds the eigenvalue of largest *magnitude*: it is the largest eigenvalue
     unless negative curvature dominates (then the result is negative and says so).
 
@@ -146,7 +146,7 @@ def m_sharpness(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tens
     """m-sharpness: the mean over sub-batches S of m examples of ``L_S(w + e_S) - L_S(w)``.
 
     ``e_S = rho * g_S / (||g_S|| + eps)`` with ``g_S`` the gradient of ``L_S`` at ``w`` and one
-    global norm over all ``params`` (SAM's ascent step, PAPER.md section 1). Sub-batches are
+    global norm over all ``params`` (SAM's ascent step, docs/ALGORITHMS.md §1). Sub-batches are
     consecutive slices of ``m`` examples (``m=None``: the whole set, a last smaller one
     counts by its share). The weights are restored bit for bit after each sub-batch, and
     ``.grad`` is left untouched. Runs in eval mode unless ``eval_mode=False``.

@@ -1,6 +1,6 @@
 """train_step: one complete optimizer step with SAM-family perturbation sub-batches.
 
-PAPER.md section 5: the batch is split into sub-batches of ``micro_batch`` examples; each
+docs/ALGORITHMS.md §5: the batch is split into sub-batches of ``micro_batch`` examples; each
 gets its own ascent pass, perturbation, descent pass at w + eps and exact restore, and its
 descent gradient is accumulated (weighted by its share of the batch). Under
 DistributedDataParallel every pass runs without gradient synchronisation (each replica

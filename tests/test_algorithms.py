@@ -1,4 +1,4 @@
-"""Each algorithm of PAPER.md against values derived by hand, in float64 numpy.
+"""Each algorithm of docs/ALGORITHMS.md against values derived by hand, in float64 numpy.
 
 The problem is a separable quadratic L(w) = sum_i (a_i w_i^2 / 2 - c_i w_i) over two
 parameter tensors (a vector and a matrix), so g = a*w - c and every step has a closed

@@ -151,7 +151,7 @@ def test_a_failing_backend_is_recorded_and_the_others_still_run(monkeypatch, tmp
 
 
 def test_bytes_follow_the_design_floor():
-    """DESIGN.md: sumsq 4N + perturb_ 16N + restore_ 8N = 28N bytes per fp32 SAM sub-step."""
+    """docs/DESIGN.md: sumsq 4N + perturb_ 16N + restore_ 8N = 28N bytes per fp32 SAM sub-step."""
     n = 278_011
     assert bytes_moved("sumsq", n, 4) == 4 * n
     assert bytes_moved("perturb_", n, 4) == 16 * n

@@ -1,4 +1,4 @@
-"""OutputBiasForgetting against PAPER.md section 4, with the gradient w.r.t. the logits in closed form:
+"""OutputBiasForgetting against docs/ALGORITHMS.md §4, with the gradient w.r.t. the logits in closed form:
 dL/dz = (u - alpha p - (1 - alpha) Y) / B, alpha = gamma max(0, (C - 1/p_y)/(C - 1)) (C > 1), gamma (C <= 0)."""
 
 from __future__ import annotations

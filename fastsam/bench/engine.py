@@ -7,7 +7,7 @@ which also estimates one call's time), choose the repetitions that fill ``budget
 around each call on the GPU, with the L2 cache overwritten before each one (not timed), or
 ``time.perf_counter`` on the CPU, whose ops are synchronous. Report the median and the 20th
 and 80th percentiles. Achieved bandwidth counts only the bytes a SAM sub-step must move
-(DESIGN.md: 28N bytes per fp32 sub-step) and is compared with a large device-to-device copy
+(docs/DESIGN.md: 28N bytes per fp32 sub-step) and is compared with a large device-to-device copy
 measured by the same engine, on the same device, in the same run.
 """
 
@@ -25,7 +25,7 @@ from fastsam.bench.workloads import TensorSet
 
 # -- what is measured, and how many bytes it must move ---------------------------------------
 # Bytes per parameter, in units of the tensors' element size (4 for fp32, 2 for bf16): every
-# operand read once and every result written once, nothing else (DESIGN.md, "The floor").
+# operand read once and every result written once, nothing else (docs/DESIGN.md, "The floor").
 #   sumsq         reads g                                          1
 #   perturb_      reads w, g; writes w, backup                     4
 #   restore_      reads backup; writes w                           2
@@ -34,7 +34,7 @@ from fastsam.bench.workloads import TensorSet
 #   accumulate_   reads accum, g; writes accum (init=False)        3
 # A SAM sub-step is sumsq + perturb_ + restore_: 1 + 4 + 2 = 7 -> 28N bytes in fp32. A GSAM
 # sub-step also writes the ascent copy in perturb_ (+1) and runs gsam_reduce and
-# gsam_combine_ (+5): 13 -> 52N bytes, i.e. GSAM adds 24N (DESIGN.md: "~28N").
+# gsam_combine_ (+5): 13 -> 52N bytes, i.e. GSAM adds 24N (docs/DESIGN.md: "~28N").
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,14 +34,14 @@ from fastsam.sharpness import hessian_top_eigenvalue, m_sharpness
 
 # -- methods ------------------------------------------------------------------------------
 
-GSAM_ALPHA = 0.01  # PAPER.md 3: the ResNet reference (our model is a small BN convnet)
+GSAM_ALPHA = 0.01  # docs/ALGORITHMS.md §3: the ResNet reference (our model is a small BN convnet)
 GSAM_RHO_MIN_FRACTION = 0.5  # GSAM's rho falls with the lr from rho_max to rho_max / 2
 ASAM_ETA = 0.01  # the ASAM authors' default
-OBF_C, OBF_GAMMA = 1000.0, 1e-12  # PAPER.md 4: reference for convnets trained from scratch
+OBF_C, OBF_GAMMA = 1000.0, 1e-12  # docs/ALGORITHMS.md §4: reference for convnets trained from scratch
 
 METHODS = ("SGD", "SAM", "ASAM", "GSAM", "OBF", "OBF+GSAM", "RandSAM")
 # method -> rho candidates for tuning (the first is the default without tuning, e.g. in
-# --quick). ASAM's rho lives on the scale of |w|-weighted steps (PAPER.md 2: ~10x SAM's);
+# --quick). ASAM's rho lives on the scale of |w|-weighted steps (docs/ALGORITHMS.md §2: ~10x SAM's);
 # RandSAM's noise direction needs a larger radius to change the loss at all.
 RHO_GRIDS = {
     "SAM": (0.05, 0.1, 0.2),
@@ -94,7 +94,7 @@ def build_optimizer(method: str, params, rho: float, hp: dict, seed: int):
     elif method == "GSAM":
         options = dict(gsam_alpha=GSAM_ALPHA, rho_schedule="lr", rho_min=GSAM_RHO_MIN_FRACTION * rho)
     elif method == "OBF+GSAM":
-        options = dict(gsam_alpha=GSAM_ALPHA)  # OBF keeps a constant rho (PAPER.md 4)
+        options = dict(gsam_alpha=GSAM_ALPHA)  # OBF keeps a constant rho (docs/ALGORITHMS.md §4)
     elif method == "RandSAM":
         options = dict(randsam=True, generator=torch.Generator().manual_seed(10_000 + seed))
     elif method not in ("SAM", "OBF"):

@@ -31,7 +31,7 @@ accepts; "auto" picks per (device, dtype).
 ``accumulate_(accum, grads, scale, init=False)``
     ``accum <- scale * g`` if ``init`` else ``accum + scale * g``.
 
-``a`` is 0, 1 or 2 and ``b`` is 0 or 1 (PAPER.md section 2); ``rho``, ``eta``, ``eps``,
+``a`` is 0, 1 or 2 and ``b`` is 0 or 1 (docs/ALGORITHMS.md §2); ``rho``, ``eta``, ``eps``,
 ``alpha`` and ``scale`` are Python floats.
 """
 
@@ -164,6 +164,6 @@ def available_backends(device="cpu") -> list[str]:
 
 
 def check_exponents(a: int, b: int) -> None:
-    """The ASAM exponents every backend supports (PAPER.md section 2)."""
+    """The ASAM exponents every backend supports (docs/ALGORITHMS.md §2)."""
     if a not in (0, 1, 2) or b not in (0, 1):
         raise ValueError(f"ASAM exponents must be a in (0, 1, 2) and b in (0, 1); got a={a}, b={b}")
