@@ -29,7 +29,8 @@ from setuptools import find_packages, setup
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 CSRC = "csrc"
-CPU_SOURCES = ["ops.cpp", "plan.cpp", "tensor_lists.cpp", "cpu_kernels.cpp", "eager.cpp", "list_signature.cpp"]
+CPU_SOURCES = ["ops.cpp", "plan.cpp", "tensor_lists.cpp", "cpu_kernels.cpp", "eager.cpp", "list_signature.cpp",
+               "grads_view.cpp"]
 CUDA_SOURCES = ["cuda_ops.cpp", "cuda_kernels.cu"]
 
 

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "eager.h"
+#include "grads_view.h"
 
 namespace fastsam {
 
@@ -46,12 +47,20 @@ const OpTable* op_table(c10::DeviceType device) {
 
 namespace {
 
-// The tensors of a Python list or tuple (None: no tensors), each item held until the
-// destructor, which runs with the GIL held (it is declared before the GIL release).
+// The tensors of a Python list or tuple (None: no tensors), or the gradients of the
+// parameters of a fastsam._C.GradsOf (grads_view.h), each held until the destructor,
+// which runs with the GIL held (it is declared before the GIL release).
 class PyTensors {
  public:
   explicit PyTensors(PyObject* sequence) {
     if (sequence == Py_None) return;
+    if (is_grads_view(sequence)) {
+      plain_ = grads_of(sequence, grads_);
+      if (!plain_) return;
+      pointers_.reserve(grads_.size());
+      for (const at::Tensor& g : grads_) pointers_.push_back(&g);
+      return;
+    }
     PyObject* fast = PySequence_Fast(sequence, "fastsam: expected a list or tuple of tensors");
     if (fast == nullptr) throw python_error();
     const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
@@ -100,6 +109,7 @@ class PyTensors {
 
  private:
   std::vector<PyObject*> objects_;
+  std::vector<at::Tensor> grads_;  // a GradsOf's gradients (strong references)
   std::vector<const at::Tensor*> pointers_;
   bool plain_ = true;
 };

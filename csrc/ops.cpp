@@ -18,6 +18,8 @@ namespace fastsam {
 int64_t cpu_threads_used(int64_t items);  // cpu_kernels.cpp
 PyMethodDef* eager_methods();            // eager.cpp
 PyMethodDef* list_signature_methods();   // list_signature.cpp
+PyMethodDef* grads_view_methods();       // grads_view.cpp
+int add_grads_view_type(PyObject* m);    // grads_view.cpp
 
 namespace {
 
@@ -142,6 +144,7 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
   if (m == nullptr) return nullptr;
   if (PyModule_AddFunctions(m, fastsam::eager_methods()) != 0 ||
       PyModule_AddFunctions(m, fastsam::list_signature_methods()) != 0 ||
+      PyModule_AddFunctions(m, fastsam::grads_view_methods()) != 0 || fastsam::add_grads_view_type(m) != 0 ||
       PyModule_AddIntConstant(m, "WITH_CUDA", FASTSAM_CUDA_FLAG) != 0) {
     Py_DECREF(m);
     return nullptr;

@@ -9,6 +9,7 @@ from fastsam.batchnorm import disable_running_stats, enable_running_stats, froze
 from fastsam.losses import OutputBiasForgetting
 from fastsam.ops import BackendUnavailableError, available_backends
 from fastsam.optimizer import SAM
+from fastsam.passes import Pass, SubStepResult
 from fastsam.schedules import lr_proportional_rho
 from fastsam.training import StepOutput, train_step
 
@@ -16,6 +17,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SAM",
+    "Pass",
+    "SubStepResult",
     "OutputBiasForgetting",
     "train_step",
     "StepOutput",

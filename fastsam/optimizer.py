@@ -1,55 +1,46 @@
 """fastsam.SAM: the SAM-family optimizer (SAM, ASAM, GSAM, RandSAM; OBF via the ascent loss).
 
-One SAM sub-step (docs/ALGORITHMS.md §§1-5) is: global norm of the ascent direction ->
-perturb with an exact backup -> (descent backward by the caller) -> restore -> GSAM
-combination -> optional accumulation. The bookkeeping runs through a backend of the ops
-contract (fastsam.ops) on lists of tensors grouped into buckets of one device, dtype and
-setting, so the number of launches does not grow with the number of parameter tensors.
+The path through the code, for one SAM sub-step::
+
+    SAM.first_step / unperturb / base_step    this module: what a step does, in order
+      -> StepPlan.buckets()                   fastsam/plan.py: which parameters each op call covers
+        -> the ops contract                   fastsam/ops/__init__.py: sumsq, perturb_, restore_, ...
+          -> a backend                        reference, foreach, cpp, cuda, triton
+
+A sub-step (docs/ALGORITHMS.md §§1-5): global norm of the ascent direction -> perturb with
+an exact backup -> (the descent backward, by the caller) -> restore -> GSAM combination
+-> optional accumulation (fastsam/accumulation.py) -> the base optimizer's step.
+``sub_step`` runs a whole sub-step through a pass runner (fastsam/passes.py), which is how
+``train_step`` and the integrations drive it; ``step(closure)`` runs one through a closure
+(fastsam/closure.py). Checkpoints use torch.optim's layout (fastsam/checkpoint.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import weakref
+import warnings
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fastsam import ops
+from fastsam import checkpoint, closure as closure_protocol, ops
+from fastsam.accumulation import Accumulator
+from fastsam.ops import compiled
+from fastsam.passes import Pass, SubStepResult
+from fastsam.plan import (ADAPTIVE_EXPONENTS, Bucket, MissingGrad, StepPlan, adaptive_exponents,  # noqa: F401
+                          global_sum, with_grads)
 from fastsam.schedules import RHO_SCHEDULES, lr_proportional_rho
-
-try:  # FSDP2 parameters are DTensors; the kernels work on their local shards
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # torch built without distributed support
-    _DTensor = None
 
 logger = logging.getLogger("fastsam")
 
-# adaptive option -> (a, b) exponents of T = |w| + eta in eps = rho * T^a g / ||T^b g||
-ADAPTIVE_EXPONENTS = {
-    False: (0, 0),
-    True: (2, 1),  # ASAM as published (Kwon et al.)
-    "before_norm": (1, 1),
-    "after_norm": (1, 0),
-}
 ADAPTIVE_SCOPES = ("all", "matrices")
 
 # Keys SAM adds to every param group (settable per group).
 GROUP_KEYS = ("rho", "adaptive", "eta", "adaptive_scope", "gsam_alpha", "rho_schedule",
               "rho_min", "lr_max", "lr_min")
-
-
-def _adaptive_exponents(adaptive) -> tuple[int, int]:
-    for key, exponents in ADAPTIVE_EXPONENTS.items():
-        if type(adaptive) is type(key) and adaptive == key:
-            return exponents
-    raise ValueError(
-        f"adaptive must be False, True (ASAM as published), 'before_norm' or 'after_norm'; got {adaptive!r}"
-    )
 
 
 def _check_nonnegative(name: str, value) -> float:
@@ -65,7 +56,7 @@ def _check_group(group: dict) -> None:
     _check_nonnegative("rho", group["rho"])
     _check_nonnegative("eta", group["eta"])
     _check_nonnegative("gsam_alpha", group["gsam_alpha"])
-    _adaptive_exponents(group["adaptive"])
+    adaptive_exponents(group["adaptive"])
     if group["adaptive_scope"] not in ADAPTIVE_SCOPES:
         raise ValueError(f"adaptive_scope must be one of {ADAPTIVE_SCOPES}; got {group['adaptive_scope']!r}")
     if group["rho_schedule"] not in RHO_SCHEDULES:
@@ -83,81 +74,12 @@ def _lr(group: dict) -> float:
     return float(lr)
 
 
-def _is_dtensor(t) -> bool:
-    return _DTensor is not None and isinstance(t, _DTensor)
-
-
-def _local(t: Tensor) -> Tensor:
-    """The tensor the kernels work on: the local shard of a DTensor (FSDP), else the tensor."""
-    return t.to_local() if _is_dtensor(t) else t
-
-
-def _like_param(p: Tensor, local: Tensor) -> Tensor:
-    """Wrap a local tensor as a gradient for ``p`` (a DTensor again when ``p`` is one)."""
-    if not _is_dtensor(p):
-        return local
-    return _DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
-
-
-def _shard_group(p: Tensor):
-    """The process group over which ``p``'s local sums must be added (None: ``p`` is whole here)."""
-    if not _is_dtensor(p):
-        return None
-    placements = p.placements
-    if any(pl.is_partial() for pl in placements):
-        raise ValueError("fastsam.SAM cannot work on parameters with Partial placements")
-    shard_dims = [i for i, pl in enumerate(placements) if pl.is_shard()]
-    if not shard_dims:
-        return None
-    if len(shard_dims) > 1:
-        raise NotImplementedError("fastsam.SAM supports parameters sharded over one device-mesh dimension "
-                                  f"(FSDP, HSDP); got placements {placements}")
-    return p.device_mesh.get_group(mesh_dim=shard_dims[0])
-
-
-def _global_sum(buckets, parts: list[Tensor]) -> Tensor:
-    """Add per-bucket partial sums; sums over shards are all-reduced over their group first."""
-    total, sharded = None, {}
-    for bucket, part in zip(buckets, parts):
-        if bucket.shard_group is None:
-            total = part if total is None else total + part
-        else:
-            key = id(bucket.shard_group)
-            group, acc = sharded.get(key, (bucket.shard_group, None))
-            sharded[key] = (group, part if acc is None else acc + part)
-    for group, part in sharded.values():
-        part = part.clone()
-        torch.distributed.all_reduce(part, group=group)
-        total = part if total is None else total + part.to(total.device)
-    return total
-
-
-@dataclasses.dataclass
-class _Bucket:
-    """Parameters that share device, dtype, shard group and every per-tensor setting of one SAM sub-step.
-
-    Buckets are built once and cached (see SAM._plan); only rho is refreshed every step.
-    """
-
-    params: list
-    backend: ops.Backend
-    a: int
-    b: int
-    eta: float
-    rho: float
-    alpha: float
-    group_index: int = 0
-    shard_group: Optional[object] = None
-    sharded: bool = False  # DTensor parameters: kernels see their local shards
-    buffers: dict = dataclasses.field(default_factory=dict)  # name -> list of scratch tensors
-
-    def tensors(self) -> list[Tensor]:
-        return [p.to_local() for p in self.params] if self.sharded else self.params
-
-    def grads(self) -> list[Tensor]:
-        if self.sharded:
-            return [p.grad.to_local() for p in self.params]
-        return [p.grad for p in self.params]
+def _current_rho(group: dict) -> float:
+    """This step's rho of a group (validating its settings, which a user may have changed)."""
+    _check_group(group)
+    if group["rho_schedule"] == "lr":
+        return lr_proportional_rho(_lr(group), group["rho"], group["rho_min"], group["lr_max"], group["lr_min"])
+    return float(group["rho"])
 
 
 class SAM(Optimizer):
@@ -171,7 +93,9 @@ class SAM(Optimizer):
     ``**base_kwargs``) or an optimizer instance (its param groups are adopted; ``params``
     may then be None). Per-group options (pass them in param-group dicts to vary them):
 
-    * ``rho``: perturbation radius (with ``rho_schedule='lr'``: its maximum).
+    * ``rho``: perturbation radius (with ``rho_schedule='lr'``: its maximum). A group whose
+      rho is 0 at a step is not perturbed (no backup, no kernel) and its gradients do not
+      enter the norm.
     * ``adaptive``: False (SAM), True (ASAM as published, T^2 g / ||T g||),
       ``'before_norm'`` (T g / ||T g||) or ``'after_norm'`` (T g / ||g||), T = |w| + eta.
     * ``eta``: offset of T; ``adaptive_scope``: ``'all'`` parameters or only
@@ -183,10 +107,12 @@ class SAM(Optimizer):
     Global options: ``gsam_normalize_ascent`` (GSAM's "normalised backup"), ``randsam``
     (the ascent direction is N(0, I) noise drawn from ``generator``), ``backend``
     ('auto', 'reference', 'foreach', or a compiled backend), ``perturb_eps`` (the
-    guard xi = 1e-12 of docs/ALGORITHMS.md; not called ``eps`` so that e.g. AdamW's ``eps`` still
-    reaches the base optimizer) and ``check_finite`` (refuse a base step whose gradients
-    are inf/nan, at the cost of one host synchronisation per step; a GradScaler
-    replaces the check).
+    guard xi = 1e-12 of docs/ALGORITHMS.md; not called ``eps`` so that e.g. AdamW's ``eps``
+    still reaches the base optimizer), ``check_finite`` (refuse a base step whose
+    gradients are inf/nan, and warn about zero ascent gradients, at the cost of one host
+    synchronisation per step; a GradScaler replaces the check) and ``closure_convention``
+    (how ``step(closure)`` finds the ascent gradient: 'auto', 'torch' or 'wrapper'; see
+    fastsam/closure.py).
     """
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive=False, *,
@@ -195,7 +121,7 @@ class SAM(Optimizer):
                  rho_min: float = 0.0, lr_max: Optional[float] = None, lr_min: float = 0.0,
                  randsam: bool = False, generator: Optional[torch.Generator] = None,
                  backend: str = "auto", perturb_eps: float = 1e-12, check_finite: bool = True,
-                 **base_kwargs):
+                 closure_convention: str = "auto", **base_kwargs):
         sam_defaults = dict(rho=rho, adaptive=adaptive, eta=eta, adaptive_scope=adaptive_scope,
                             gsam_alpha=gsam_alpha, rho_schedule=rho_schedule, rho_min=rho_min,
                             lr_max=lr_max, lr_min=lr_min)
@@ -204,6 +130,7 @@ class SAM(Optimizer):
         _check_nonnegative("perturb_eps", perturb_eps)
         if generator is not None and not randsam:
             raise ValueError("generator is only used with randsam=True")
+        self._closure = closure_protocol.ClosureProtocol(closure_convention)
 
         self._base: Optional[Optimizer] = None
         if isinstance(base_optimizer, Optimizer):
@@ -232,18 +159,20 @@ class SAM(Optimizer):
         self.generator = generator
         self.backend = backend
         self.perturb_eps = float(perturb_eps)
+        self.check_finite = bool(check_finite)
         self._backends: dict[tuple, ops.Backend] = {}
         for device, dtype in {(p.device, p.dtype) for group in self.param_groups for p in group["params"]}:
             if dtype.is_floating_point:
                 self._backend_for(device, dtype)  # an unavailable backend fails here, not mid-training
-        self.check_finite = bool(check_finite)
-        self._perturbed: Optional[list[_Bucket]] = None
-        self._ascent_sumsqs: list[Tensor] = []
-        self._plan_key, self._plan_buckets = None, []
-        self._reset_accumulation()
-        self._stale_grads: list = []
+        self._plan = StepPlan(lambda: self.param_groups, self._backend_for)
+        self._accumulator = Accumulator()
+        self._step_buckets: list[Bucket] = []  # every bucket of the step in progress
+        self._perturbed: Optional[list[Bucket]] = None  # the buckets first_step() perturbed
+        self._ascent_sumsqs: list[Tensor] = []  # of this step's perturbations, for the finite check
+        self._descent_ready = False  # unperturb() ran since the last base step
 
-    # -- param groups are the base optimizer's, so LR schedulers on SAM drive the base --
+    # -- param groups and state are the base optimizer's, so LR schedulers and checkpoint
+    #    tools that work on SAM see the real ones --
 
     @property
     def base_optimizer(self) -> Optimizer:
@@ -262,6 +191,19 @@ class SAM(Optimizer):
         else:
             self.__dict__["_own_param_groups"] = groups
 
+    @property
+    def state(self):
+        base = self.__dict__.get("_base")
+        return base.state if base is not None else self.__dict__["_own_state"]
+
+    @state.setter
+    def state(self, value):
+        base = self.__dict__.get("_base")
+        if base is not None:
+            base.state = value
+        else:
+            self.__dict__["_own_state"] = value
+
     def add_param_group(self, param_group: dict) -> None:
         if self.__dict__.get("_base") is None:  # during Optimizer.__init__
             super().add_param_group(param_group)
@@ -271,6 +213,9 @@ class SAM(Optimizer):
                 param_group.setdefault(key, value)
         self._base.add_param_group(param_group)
         self._finish_group(self.param_groups[-1])
+        for p in self.param_groups[-1]["params"]:
+            if p.dtype.is_floating_point:
+                self._backend_for(p.device, p.dtype)
 
     def _finish_group(self, group: dict) -> None:
         if group["rho_schedule"] == "lr" and group["lr_max"] is None:
@@ -294,13 +239,6 @@ class SAM(Optimizer):
         theirs = {id(p) for group in base.param_groups for p in group["params"]}
         return mine == theirs
 
-    # -- the SAM step --
-
-    @property
-    def is_perturbed(self) -> bool:
-        """True between first_step() and the restore in unperturb()/second_step()."""
-        return self._perturbed is not None
-
     def backend_for(self, device, dtype: torch.dtype = torch.float32) -> str:
         """The name of the backend this optimizer uses for ``dtype`` tensors on ``device``."""
         return self._backend_for(torch.device(device), dtype).name
@@ -314,142 +252,94 @@ class SAM(Optimizer):
             self._backends[(device, dtype)] = backend
         return backend
 
-    def _plan(self) -> list[_Bucket]:
-        """The buckets of this step: rebuilt only when parameters, settings or the set of
-        parameters with gradients change (rebuilding every step cost ~40% of a sub-step's
-        time on 2000 tiny tensors with the foreach backend, measured on this project's CPU)."""
-        groups = self.param_groups
-        for group in groups:
-            _check_group(group)
-        randsam = self.randsam
-        key = (tuple([(id(g), g["adaptive"], g["adaptive_scope"], g["eta"], g["gsam_alpha"]) for g in groups]),
-               tuple([id(p) for g in groups for p in g["params"]]),
-               tuple([p.requires_grad and (randsam or p.grad is not None) for g in groups for p in g["params"]]))
-        if key != self._plan_key:
-            self._plan_buckets = self._build_buckets()
-            self._plan_key = key
-        for bucket in self._plan_buckets:
-            bucket.rho = self._current_rho(groups[bucket.group_index])
-        return self._plan_buckets
+    def _params(self) -> list:
+        return self._plan.params()
 
-    def _build_buckets(self) -> list[_Bucket]:
-        """Group the parameters to perturb by device, dtype, per-tensor settings and shard group."""
-        buckets: dict[tuple, _Bucket] = {}
-        devices = set()
-        for index, group in enumerate(self.param_groups):
-            a_adaptive, b_adaptive = _adaptive_exponents(group["adaptive"])
-            for p in group["params"]:
-                if not p.requires_grad or (p.grad is None and not self.randsam):
-                    continue
-                self._check_param(p)
-                adaptive = group["adaptive_scope"] == "all" or p.dim() >= 2
-                a, b = (a_adaptive, b_adaptive) if adaptive else (0, 0)
-                shard_group = _shard_group(p)
-                key = (index, p.device, p.dtype, a, b, id(shard_group), _is_dtensor(p))
-                if key not in buckets:
-                    buckets[key] = _Bucket([], self._backend_for(p.device, p.dtype), a, b, float(group["eta"]),
-                                           0.0, float(group["gsam_alpha"]), index, shard_group, _is_dtensor(p))
-                buckets[key].params.append(p)
-                devices.add(p.device)
-        if len(devices) > 1:
-            raise ValueError(
-                f"fastsam.SAM needs all parameters on one device (the norm is global); found {sorted(map(str, devices))}")
-        return list(buckets.values())
+    @torch.no_grad()
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if set_to_none:
+            compiled.clear_grads(self._params())  # one C++ pass where the extension is built
+        else:
+            self._base.zero_grad(set_to_none=False)
 
-    def _with_grads(self, buckets: list[_Bucket]) -> list[_Bucket]:
-        """``buckets`` restricted to parameters that have a gradient now (usually all of them)."""
-        if all(p.grad is not None for b in buckets for p in b.params):
-            return buckets
-        live = [dataclasses.replace(b, params=[p for p in b.params if p.grad is not None], buffers={})
-                for b in buckets]
-        return [b for b in live if b.params]
+    # -- the SAM step, in order --
 
-    @staticmethod
-    def _check_param(p: Tensor) -> None:
-        if p.is_complex():
-            raise TypeError("fastsam.SAM does not support complex parameters; view them as real "
-                            "(torch.view_as_real) or leave them out of the optimizer")
-        if p.grad is not None and p.grad.is_sparse:
-            raise TypeError("fastsam.SAM does not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
-                            "use dense gradients")
+    @property
+    def is_perturbed(self) -> bool:
+        """True between first_step() and the restore in unperturb()/second_step()."""
+        return self._perturbed is not None
 
-    @staticmethod
-    def _current_rho(group: dict) -> float:
-        if group["rho_schedule"] == "lr":
-            return lr_proportional_rho(_lr(group), group["rho"], group["rho_min"], group["lr_max"], group["lr_min"])
-        return float(group["rho"])
-
-    def _buffers(self, params, name: str) -> list[Tensor]:
-        """Per-parameter scratch tensors shaped like the parameter's local data (its shard under FSDP)."""
-        out = []
-        for p in params:
-            like = _local(p)
-            state = self.state[p]
-            buf = state.get(name)
-            if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
-                buf = torch.empty_like(like, memory_format=torch.preserve_format)
-                state[name] = buf
-            out.append(buf)
-        return out
-
-    def _bucket_buffers(self, bucket: _Bucket, name: str) -> list[Tensor]:
-        buffers = bucket.buffers.get(name)
-        if buffers is None:
-            buffers = bucket.buffers[name] = self._buffers(bucket.params, name)
-        return buffers
-
-    def _directions(self, bucket: _Bucket) -> list[Tensor]:
-        if not self.randsam:
-            return bucket.grads()
-        noise = self._bucket_buffers(bucket, "noise")
-        for n in noise:
-            n.normal_(generator=self.generator)
-        return noise
+    @property
+    def accumulating(self) -> bool:
+        """True while unperturb(accumulate_weight=...) has gathered gradients not yet loaded."""
+        return self._accumulator.active
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, skip_nonfinite: bool = False) -> bool:
         """Perturb the weights to w + eps along the normalised ascent direction, keeping an exact backup.
 
         The ascent direction is the current gradient (or noise with ``randsam``); the norm
-        is global over every parameter of every group (and every shard, under FSDP).
-        With ``skip_nonfinite`` (for loops with a GradScaler) a non-finite ascent norm
-        leaves weights and gradients untouched and returns False, so that the scaler sees
-        the inf and skips its step; this costs one host synchronisation. Returns True when
-        the weights were perturbed.
+        is global over every perturbed parameter of every group (and every shard, under
+        FSDP). With ``skip_nonfinite`` (for loops with a GradScaler) a non-finite ascent
+        norm leaves weights and gradients untouched and returns False, so that the scaler
+        sees the inf and skips its step; this costs one host synchronisation. Returns True
+        when the weights were perturbed (or nothing needed perturbing: every rho is 0).
         """
         if self._perturbed is not None:
             raise RuntimeError("first_step() was called twice: the weights are already perturbed; "
                                "call second_step() or unperturb() first")
-        buckets = self._plan()
+        buckets = self._plan.buckets(_current_rho)
         if not buckets:
-            raise RuntimeError("first_step() found no gradient: call loss.backward() before first_step() "
-                               "(all parameters have grad=None or requires_grad=False)")
-        directions = [self._directions(bucket) for bucket in buckets]
-        total = self._sumsq(buckets, directions, adaptive=True)
-        if skip_nonfinite and not bool(torch.isfinite(total)):
+            raise RuntimeError("first_step() found no parameter to perturb: every parameter has "
+                               "requires_grad=False")
+        active = [b for b in buckets if b.rho > 0.0]
+        try:
+            directions = [self._direction(b) for b in active]
+            total = self._sumsq(active, directions, adaptive=True) if active else None
+        except MissingGrad:  # some parameters have no gradient: perturb the others
+            if not with_grads(buckets):
+                raise RuntimeError("first_step() found no gradient: call loss.backward() before first_step() "
+                                   "(all parameters have grad=None or requires_grad=False)") from None
+            active = with_grads(active)
+            directions = [self._direction(b) for b in active]
+            total = self._sumsq(active, directions, adaptive=True) if active else None
+        if skip_nonfinite and total is not None and not bool(torch.isfinite(total)):
             return False
-        self._ascent_sumsqs.append(total)
-        gsam = any(bucket.alpha != 0.0 for bucket in buckets)
-        ascent_sumsq = None
-        if gsam and self.gsam_normalize_ascent:
-            adaptive_norm = any(bucket.b != 0 for bucket in buckets)
-            ascent_sumsq = self._sumsq(buckets, directions, adaptive=False) if adaptive_norm else total
-        for bucket, direction in zip(buckets, directions):
-            bucket.backend.perturb_(
-                bucket.tensors(), direction, self._bucket_buffers(bucket, "backup"), total, bucket.rho,
-                bucket.a, bucket.b, bucket.eta, self.perturb_eps,
-                self._bucket_buffers(bucket, "ascent") if gsam else None, ascent_sumsq)
-        self._perturbed = buckets
+        self._perturb(buckets, active, directions, total)
         if zero_grad:
             self.zero_grad()
         return True
 
-    def _sumsq(self, buckets, directions, adaptive: bool) -> Tensor:
+    def _direction(self, bucket: Bucket):
+        """The ascent direction of a bucket: its gradients, or fresh noise for RandSAM."""
+        if not self.randsam:
+            return bucket.grads()
+        noise = bucket.flat_buffer("noise")
+        bucket.buffers["noise.flat"][0].normal_(generator=self.generator)
+        return noise
+
+    def _sumsq(self, buckets: list[Bucket], directions: list, adaptive: bool) -> Tensor:
         parts = []
         for bucket, direction in zip(buckets, directions):
             b = bucket.b if adaptive else 0
             parts.append(bucket.backend.sumsq(direction, bucket.tensors() if b else None, b, bucket.eta))
-        return _global_sum(buckets, parts)
+        return global_sum(buckets, parts)
+
+    def _perturb(self, buckets: list[Bucket], active: list[Bucket], directions: list, total) -> None:
+        self._step_buckets = buckets
+        if total is not None:
+            self._ascent_sumsqs.append(total)
+        gsam = any(bucket.alpha != 0.0 for bucket in active)
+        ascent_sumsq = None
+        if gsam and self.gsam_normalize_ascent:
+            adaptive_norm = any(bucket.b != 0 for bucket in active)
+            ascent_sumsq = self._sumsq(active, directions, adaptive=False) if adaptive_norm else total
+        for bucket, direction in zip(active, directions):
+            bucket.backend.perturb_(
+                bucket.tensors(), direction, bucket.buffer("backup"), total, bucket.rho,
+                bucket.a, bucket.b, bucket.eta, self.perturb_eps,
+                bucket.buffer("ascent") if gsam else None, ascent_sumsq)
+        self._perturbed = active
 
     @torch.no_grad()
     def unperturb(self, accumulate_weight: Optional[float] = None) -> None:
@@ -459,72 +349,64 @@ class SAM(Optimizer):
         weight, into SAM's gradient accumulator and the parameters' ``.grad`` are set to
         None; :meth:`load_accumulated_grads` moves the sum into ``.grad``.
         """
-        buckets = self._perturbed
-        if buckets is None:
+        perturbed = self._perturbed
+        if perturbed is None:
             raise RuntimeError("the weights are not perturbed: call first_step() before second_step()/unperturb()")
-        self._restore(buckets)
-        live = self._with_grads(buckets)
-        if any(b.alpha != 0.0 for b in live):
-            stats = _global_sum(live, [b.backend.gsam_reduce(self._bucket_buffers(b, "ascent"), b.grads())
-                                       for b in live])
-            for b in live:
-                if b.alpha != 0.0:
-                    b.backend.gsam_combine_(b.grads(), self._bucket_buffers(b, "ascent"), stats, b.alpha,
-                                            self.perturb_eps)
-        if accumulate_weight is not None:
-            self._accumulate(live, float(accumulate_weight))
-
-    def _accumulate(self, buckets: list[_Bucket], weight: float) -> None:
-        for bucket in buckets:
-            # A parameter's first contribution in this round overwrites its buffer
-            # (init=True); later ones add. Usually one of the two lists is empty.
-            first = [p for p in bucket.params if id(p) not in self._accum_ids]
-            later = [p for p in bucket.params if id(p) in self._accum_ids]
-            for params, init in ((first, True), (later, False)):
-                if params:
-                    bucket.backend.accumulate_(self._buffers(params, "accum"), [_local(p.grad) for p in params],
-                                               weight, init=init)
-            for p in first:
-                self._accum_ids.add(id(p))
-                self._accum_params.append(p)
-            for p in bucket.params:
-                p.grad = None
-
-    @torch.no_grad()
-    def _restore(self, buckets: list[_Bucket]) -> None:
-        for bucket in buckets:
-            bucket.backend.restore_(bucket.tensors(), self._bucket_buffers(bucket, "backup"))
+        for bucket in perturbed:
+            bucket.backend.restore_(bucket.tensors(), bucket.buffer("backup"))
         self._perturbed = None
+        if any(b.alpha != 0.0 for b in perturbed):
+            self._gsam_combine(perturbed)
+        if accumulate_weight is not None:
+            weight = float(accumulate_weight)
+            for bucket in self._step_buckets:
+                self._accumulator.add(bucket, weight)
+            self.zero_grad(set_to_none=True)
+        self._descent_ready = True
+
+    def _gsam_combine(self, buckets: list[Bucket]) -> None:
+        """g_p <- g_p - alpha (g - <g, h> h) over the perturbed buckets (one reduction, one combine)."""
+        try:
+            parts = [b.backend.gsam_reduce(b.buffer("ascent"), b.grads()) for b in buckets]
+        except MissingGrad:  # a parameter got no gradient in the descent pass
+            buckets = with_grads(buckets)
+            parts = [b.backend.gsam_reduce(b.buffer("ascent"), b.grads()) for b in buckets]
+        if not buckets:
+            return
+        stats = global_sum(buckets, parts)
+        for b in buckets:
+            if b.alpha != 0.0:
+                b.backend.gsam_combine_(b.grads(), b.buffer("ascent"), stats, b.alpha, self.perturb_eps)
+
+    def descent_is_linear(self) -> bool:
+        """Whether the step's gradient is linear in the last descent backward (no GSAM combination).
+
+        Then a data-parallel caller may load the accumulated gradients before the last
+        descent backward and let that backward synchronise everything (``sub_step(sync=True)``).
+        """
+        return all(group["gsam_alpha"] == 0.0 or _current_rho(group) == 0.0 for group in self.param_groups)
 
     @torch.no_grad()
-    def load_accumulated_grads(self) -> None:
-        """Move the gradients accumulated by unperturb(accumulate_weight=...) into ``.grad``."""
-        if not self._accum_params:
+    def load_accumulated_grads(self) -> list[Tensor]:
+        """Move the gradients accumulated by unperturb(accumulate_weight=...) into ``.grad``.
+
+        Returns the flat buffers (one per bucket) whose views the gradients now are, so
+        that a data-parallel caller can average them with one collective each.
+        """
+        if not self._accumulator.active:
             raise RuntimeError("no gradients were accumulated: call unperturb(accumulate_weight=...) first")
-        for p in self._accum_params:
-            p.grad = _like_param(p, self.state[p].pop("accum"))
-        self._reset_accumulation()
+        return self._accumulator.load()
 
-    def _abort(self) -> None:
-        """After a failure mid-step: unperturbed weights, no half-finished accumulation."""
+    def abort(self) -> None:
+        """After a failure mid-step: weights restored (if perturbed), partial accumulations dropped."""
         if self._perturbed is not None:
-            self._restore(self._perturbed)
-        self._drop_accumulation()
+            with torch.no_grad():
+                for bucket in self._perturbed:
+                    bucket.backend.restore_(bucket.tensors(), bucket.buffer("backup"))
+            self._perturbed = None
+        self._accumulator.drop()
         self._ascent_sumsqs.clear()
-
-    def _drop_accumulation(self) -> None:
-        for p in self._accum_params:
-            self.state[p].pop("accum", None)
-        self._reset_accumulation()
-
-    def _reset_accumulation(self) -> None:
-        self._accum_params: list[Tensor] = []
-        self._accum_ids: set[int] = set()
-
-    @property
-    def accumulating(self) -> bool:
-        """True while unperturb(accumulate_weight=...) has gathered gradients not yet loaded."""
-        return bool(self._accum_params)
+        self._descent_ready = False
 
     def base_step(self, scaler=None):
         """Run the base optimizer's step on the current gradients (weights must be unperturbed).
@@ -537,29 +419,42 @@ class SAM(Optimizer):
         if self._perturbed is not None:
             raise RuntimeError("the weights are perturbed: call unperturb() before base_step()")
         ascent_sumsqs, self._ascent_sumsqs = self._ascent_sumsqs, []
+        self._descent_ready = False
         if scaler is not None:
             result = scaler.step(self._base)
         else:
             if self.check_finite:
-                self._raise_if_nonfinite(ascent_sumsqs)
+                self._check_finite(ascent_sumsqs)
             result = self._base.step()
-        self._remember_grads()
         # LR schedulers attached to SAM watch for SAM.step(); a step through
         # second_step()/train_step() is just as real (torch.optim.lr_scheduler reads this flag).
         self._opt_called = True
         return result
 
-    def _raise_if_nonfinite(self, ascent_sumsqs: list[Tensor]) -> None:
-        buckets = self._with_grads(self._plan())
+    def _check_finite(self, ascent_sumsqs: list[Tensor]) -> None:
+        """One host synchronisation: inf/nan anywhere in this step raises; zero ascent norms warn."""
+        buckets = self._plan.buckets(_current_rho)
+        try:
+            parts = [b.backend.sumsq(b.grads()) for b in buckets]
+        except MissingGrad:
+            buckets = with_grads(buckets)
+            parts = [b.backend.sumsq(b.grads()) for b in buckets]
         checks = list(ascent_sumsqs)
         if buckets:
-            checks.append(_global_sum(buckets, [b.backend.sumsq(b.grads()) for b in buckets]))
-        if checks and not bool(torch.isfinite(torch.stack([c.to(checks[0].device) for c in checks])).all()):
+            checks.append(global_sum(buckets, parts))
+        if not checks:
+            return
+        values = torch.stack([c.to(checks[0].device) for c in checks]).tolist()
+        if not all(math.isfinite(v) for v in values):
             raise FloatingPointError(
                 "fastsam.SAM: a gradient of this step is inf or nan, so the base step was not taken and the "
                 "weights are unchanged. Train with a torch.amp.GradScaler (train_step(..., scaler=...) or "
                 "base_step(scaler)) to skip such steps, or pass check_finite=False to SAM to let non-finite "
                 "values through as torch.optim does (that also saves this check's one host sync per step).")
+        message = closure_protocol.zero_norm_warning(sum(v == 0.0 for v in values[:len(ascent_sumsqs)]),
+                                                     len(ascent_sumsqs))
+        if message:
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -569,52 +464,148 @@ class SAM(Optimizer):
         if zero_grad:
             self.zero_grad()
 
+    # -- whole steps: through a pass runner, a closure, or finishing prepared passes --
+
+    def sub_step(self, run_pass: Callable, *, weight: Optional[float] = None, sync: bool = False,
+                 skip_nonfinite: bool = False) -> SubStepResult:
+        """One SAM sub-step on one (sub-)batch, through ``run_pass`` (fastsam/passes.py).
+
+        Clears ``.grad``, runs the ascent pass (a forward only with RandSAM), perturbs,
+        runs the descent pass at w + eps and restores. With ``weight`` the descent gradient
+        is accumulated with that weight (then :meth:`load_accumulated_grads`), else it is
+        left in ``.grad``. ``sync`` marks the step's last sub-step under data parallelism:
+        if the gradient is linear in the descent backward (:meth:`descent_is_linear`), the
+        accumulated gradients are loaded first and that backward runs with ``sync=True``,
+        so DDP's own bucketed all-reduce (and its communication hooks) averages
+        everything; the result then says ``synced``. ``skip_nonfinite`` (with a
+        GradScaler): inf/nan ascent gradients are not used to perturb (``skipped``); the
+        descent pass then runs at the clean weights with its loss scaled by inf, so the
+        step's gradient is non-finite wherever it ends (in ``.grad``, in the accumulator
+        across later sub-steps and calls, through DDP's all-reduce to every rank) and the
+        scaler skips the whole step and backs off once. Every rank thus runs the same
+        passes and collectives. If a pass raises, the weights are restored and partial
+        accumulations dropped before the error propagates.
+        """
+        self.zero_grad(set_to_none=True)
+        try:
+            loss = run_pass(Pass.LOSS if self.randsam else Pass.ASCENT)
+            perturbed = self.first_step(zero_grad=True, skip_nonfinite=skip_nonfinite)
+            synced = sync and self.descent_is_linear()
+            if synced and weight is not None and self.accumulating:
+                self.load_accumulated_grads()
+            scale = 1.0 if (weight is None or not synced) else float(weight)
+            if not perturbed:
+                self.zero_grad(set_to_none=True)
+                scale = math.inf  # poisons this step's gradient on purpose (see above)
+            perturbed_loss = run_pass(Pass.DESCENT, scale=scale, sync=synced)
+            if perturbed:
+                self.unperturb(accumulate_weight=None if synced else weight)
+            elif weight is not None and not synced:
+                for bucket in self._plan.buckets(_current_rho):
+                    self._accumulator.add(bucket, float(weight))
+                self.zero_grad(set_to_none=True)
+            return SubStepResult(loss, perturbed_loss if perturbed else None, skipped=not perturbed, synced=synced)
+        except BaseException:
+            self.abort()
+            raise
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None):
-        """One whole SAM step. ``closure`` does zero_grad (optional), forward and backward and returns the loss.
+        """One whole SAM step.
 
-        If ``.grad`` holds gradients the caller computed since the last step (the
-        single-file SAM wrapper's convention: ``loss.backward(); optimizer.step(closure)``),
-        they are the ascent gradients and the closure runs once, at the perturbed weights;
-        the return value is then None. Otherwise (torch.optim's convention) the closure
-        runs twice and the loss at the unperturbed weights is returned. If the closure
-        raises at the perturbed weights, they are restored before the error propagates.
+        With a ``closure`` (which does forward and backward and returns the loss; zeroing
+        gradients inside it is optional), the ascent gradient comes from the closure or
+        from ``.grad`` as ``closure_convention`` says (fastsam/closure.py): torch.optim's
+        convention calls the closure at w and at w + eps and returns the first loss; the
+        single-file SAM wrapper's (``loss.backward(); optimizer.step(closure)``) calls it
+        once, at w + eps, and returns None. If the closure raises at the perturbed weights,
+        they are restored before the error propagates.
+
+        Without a closure, ``step()`` finishes a step whose SAM passes already ran
+        (``first_step()``, the descent backward and ``unperturb()``, or ``sub_step``):
+        accumulated gradients are loaded and the base optimizer steps. This is what
+        trainers that call ``optimizer.step()`` themselves (or ``scaler.step(optimizer)``)
+        need. Called with no SAM pass done it raises, unless every gradient is zero (as
+        torch.distributed.checkpoint sets them to initialise optimizer state), where the
+        base step runs as it would in torch.optim.
         """
         if closure is None:
-            raise RuntimeError("SAM.step() needs a closure that recomputes the loss and gradients; "
-                               "or call first_step() and second_step() yourself")
+            return self._finish_step()
         closure = torch.enable_grad()(closure)
         loss = None
-        if self.randsam or not self._has_fresh_grads():
+        if self._closure_ascent() is closure_protocol.Ascent.FROM_CLOSURE:
+            self.zero_grad(set_to_none=True)  # the ascent gradient is this closure's alone
             loss = closure()
         self.first_step(zero_grad=True)
         try:
             closure()
         except BaseException:
-            self._abort()
+            self.abort()
             raise
         self.second_step()
+        self._closure.consumed(self._params())
         return loss
 
-    def _remember_grads(self) -> None:
-        """Note which .grad tensors (and versions) the base step consumed; see step()."""
-        self._stale_grads = [(weakref.ref(p.grad), p.grad._version)
-                             for group in self.param_groups for p in group["params"] if p.grad is not None]
+    def _closure_ascent(self) -> "closure_protocol.Ascent":
+        def present_sumsq():
+            if self.randsam:
+                return None  # noise needs no gradient: present ones only mean a caller's pass ran
+            try:
+                buckets = self._plan.buckets(_current_rho)
+                active = [b for b in buckets if b.rho > 0.0]
+                return self._sumsq(active, [b.grads() for b in active], adaptive=True) if active else None
+            except MissingGrad:
+                return None
+        return self._closure.decide(self._params(), present_sumsq)
 
-    def _has_fresh_grads(self) -> bool:
-        """Whether some .grad was written since the last base step (not just left over from it)."""
-        stale = {id(ref()): version for ref, version in self._stale_grads if ref() is not None}
-        for group in self.param_groups:
-            for p in group["params"]:
-                g = p.grad
-                if g is not None and stale.get(id(g)) != g._version:
-                    return True
-        return False
+    def _finish_step(self):
+        if self._perturbed is not None:
+            raise RuntimeError("SAM.step() was called while the weights are perturbed: run the descent backward, "
+                               "then unperturb() (or second_step()) before stepping")
+        if self._accumulator.active:
+            self.load_accumulated_grads()
+            return self.base_step()
+        if self._descent_ready or self._all_gradients_zero():
+            return self.base_step()
+        raise RuntimeError(
+            "SAM.step() without a closure finishes a step whose SAM passes already ran (first_step(), the "
+            "descent backward and unperturb(), or sub_step()); none did, so stepping now would be plain "
+            "base-optimizer training. Pass a closure (optimizer.step(closure)), call first_step()/second_step(), "
+            "or use fastsam.train_step or an integration in fastsam.integrations.")
 
-    # -- checkpoints --
+    @torch.no_grad()
+    def _all_gradients_zero(self) -> bool:
+        grads = [p.grad for p in self._params() if p.grad is not None]
+        return all(not bool(g.any()) for g in grads)
+
+    # -- checkpoints (torch.optim's layout; fastsam/checkpoint.py) --
+
+    def _extra_state(self) -> dict:
+        """fastsam's global state for checkpoints (subclasses add theirs)."""
+        extras = {}
+        if self.generator is not None:
+            extras["generator_state"] = self.generator.get_state()
+        return extras
+
+    def _load_extra_state(self, extras: dict) -> None:
+        generator_state = extras.get("generator_state")
+        if generator_state is not None:
+            if self.generator is None:
+                raise ValueError("the checkpoint holds a RandSAM generator state but this SAM has no generator")
+            self.generator.set_state(generator_state)
+
+    def _per_param_state(self) -> dict:
+        """{parameter index: {name: tensor}} of fastsam's per-parameter state (subclasses add theirs)."""
+        return {}
+
+    def _load_per_param_state(self, per_param: dict) -> None:
+        if per_param:
+            raise ValueError(f"the checkpoint holds per-parameter fastsam state {sorted(next(iter(per_param.values())))} "
+                             f"that {type(self).__name__} does not use")
 
     def state_dict(self) -> dict:
-        """The base optimizer's state (with SAM's per-group settings) and SAM's own RNG state.
+        """torch.optim's layout: the base optimizer's ``state`` and ``param_groups`` (with SAM's
+        per-group settings), fastsam's own state in the first group under ``"fastsam"``.
 
         Refused while the weights are perturbed or gradients are being accumulated: a
         checkpoint then would hold perturbed weights or lose the partial sum.
@@ -622,22 +613,25 @@ class SAM(Optimizer):
         if self._perturbed is not None:
             raise RuntimeError("state_dict() while the weights are perturbed would save w + eps: "
                                "call it after second_step()/unperturb()")
-        if self._accum_params:
+        if self._accumulator.active:
             raise RuntimeError("state_dict() while gradients are being accumulated would lose them: "
                                "call it after load_accumulated_grads() and the base step")
-        generator_state = self.generator.get_state() if self.generator is not None else None
-        return {"base": self._base.state_dict(), "fastsam": {"format": 1, "generator_state": generator_state}}
+        return checkpoint.pack(self._base.state_dict(), self._extra_state(), self._per_param_state())
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if "base" not in state_dict or "fastsam" not in state_dict:
-            raise ValueError("not a fastsam.SAM state_dict (expected keys 'base' and 'fastsam')")
+        """Load a checkpoint of this layout, of fastsam 0.1's (``{"base", "fastsam"}``) or of the
+        plain base optimizer (torch.optim's own: SAM's settings then stay as constructed)."""
         if self._perturbed is not None:
             raise RuntimeError("load_state_dict() while the weights are perturbed: call second_step()/unperturb() first")
-        self._base.load_state_dict(state_dict["base"])
-        generator_state = state_dict["fastsam"].get("generator_state")
-        if generator_state is not None:
-            if self.generator is None:
-                raise ValueError("the checkpoint holds a RandSAM generator state but this SAM has no generator")
-            self.generator.set_state(generator_state)
+        base_state, extras, per_param = checkpoint.unpack(state_dict)
+        own_settings = [{key: group[key] for key in GROUP_KEYS} for group in self.param_groups]
+        self._base.load_state_dict(base_state)
+        for group, settings in zip(self.param_groups, own_settings):
+            for key, value in settings.items():
+                group.setdefault(key, value)  # a plain torch.optim checkpoint has none of SAM's keys
+        self._load_extra_state(extras)
+        self._load_per_param_state(per_param)
+        self._accumulator.drop()
+        self._plan.invalidate()
         for group in self.param_groups:
             _check_group(group)

@@ -1,25 +1,34 @@
 """train_step: one complete optimizer step with SAM-family perturbation sub-batches.
 
-docs/ALGORITHMS.md §5: the batch is split into sub-batches of ``micro_batch`` examples; each
-gets its own ascent pass, perturbation, descent pass at w + eps and exact restore, and its
-descent gradient is accumulated (weighted by its share of the batch). Under
-DistributedDataParallel every pass runs without gradient synchronisation (each replica
-perturbs on its own data) and the accumulated gradients are all-reduced once. Then
-clipping, if asked, and one base-optimizer step. BatchNorm running statistics come from
-the unperturbed passes only.
+docs/ALGORITHMS.md §5: the batch is split into sub-batches of ``micro_batch`` examples;
+each gets its own ascent pass, perturbation, descent pass at w + eps and exact restore
+(``SAM.sub_step``, driven through this module's pass runner), and its descent gradient is
+accumulated, weighted by its share of the batch. Then clipping, if asked, and one base
+step. BatchNorm running statistics come from the unperturbed passes only.
+
+Under DistributedDataParallel every ascent pass runs without gradient synchronisation
+(each replica perturbs on its own data). The step's last descent backward runs with
+synchronisation, after the accumulated gradients are loaded into ``.grad``, so that DDP's
+own bucketed, overlapped all-reduce and its communication hooks average the step's
+gradient. GSAM cannot be done that way (its combination needs the last descent gradient
+on its own, after the backward), so there fastsam averages the combined gradients with one
+all-reduce per parameter bucket, and DDP communication hooks do not apply.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
+from fastsam import distributed
 from fastsam.batchnorm import frozen_running_stats
 from fastsam.optimizer import SAM
+from fastsam.passes import Pass
 
 
 @dataclasses.dataclass
@@ -30,9 +39,9 @@ class StepOutput:
     ``outputs``: the model's outputs of the unperturbed passes, concatenated along dim 0
     when they are tensors (else a list, one per sub-batch).
     ``perturbed_loss``: training loss at the perturbed weights (None without SAM, or
-    when a GradScaler skipped the step before any perturbed pass).
+    when a GradScaler skipped every perturbation of the call).
     ``stepped``: whether the base optimizer stepped (False while accumulating with
-    ``step=False``; with a GradScaler, False when this call skipped its step on inf/nan).
+    ``step=False``; with a GradScaler, False when the step was skipped on inf/nan).
     """
 
     loss: Tensor
@@ -41,16 +50,50 @@ class StepOutput:
     stepped: bool = True
 
 
+# -- checking and splitting the batch --------------------------------------------------------
+
+def _leaves(batch, path: str):
+    """(path, tensor) for every tensor of a tensor or a (nested) tuple, list or dict of them."""
+    if isinstance(batch, Tensor):
+        yield path, batch
+    elif isinstance(batch, (tuple, list)):
+        for i, item in enumerate(batch):
+            yield from _leaves(item, f"{path}[{i}]")
+    elif isinstance(batch, dict):
+        for key, item in batch.items():
+            yield from _leaves(item, f"{path}[{key!r}]")
+    else:
+        raise TypeError(f"{path} must be a tensor or a tuple, list or dict of tensors; got {type(batch).__name__}")
+
+
+def _batch_size(model: nn.Module, inputs, targets) -> int:
+    """The number of examples, after checking that every tensor has it along dim 0."""
+    if not isinstance(targets, Tensor) or targets.dim() == 0:
+        raise TypeError("targets must be a tensor with the examples along dim 0; got "
+                        + (f"a 0-d tensor" if isinstance(targets, Tensor) else type(targets).__name__))
+    size = int(targets.shape[0])
+    if size == 0:
+        raise ValueError("train_step got an empty batch (targets has 0 examples); skip empty batches in the loader")
+    for path, t in _leaves(inputs, "inputs"):
+        if t.dim() == 0 or t.shape[0] != size:
+            found = "a 0-d tensor" if t.dim() == 0 else f"{t.shape[0]} examples (dim 0 of shape {tuple(t.shape)})"
+            raise ValueError(f"{path} has {found} but targets has {size}: every input and the targets must hold "
+                             "the same examples along dim 0")
+    param = next((p for p in model.parameters()), None)
+    if param is not None and targets.device != param.device:
+        raise ValueError(f"targets are on {targets.device} but the model's parameters on {param.device}; "
+                         f"move them there (targets.to({str(param.device)!r}))")
+    return size
+
+
 def _split(batch, sizes: list[int]):
     """Split a tensor, or a tuple/list/dict of tensors, along dim 0 into pieces of ``sizes``."""
     if isinstance(batch, Tensor):
         return list(torch.split(batch, sizes))
     if isinstance(batch, (tuple, list)):
         return [type(batch)(parts) for parts in zip(*(_split(item, sizes) for item in batch))]
-    if isinstance(batch, dict):
-        split = {key: _split(value, sizes) for key, value in batch.items()}
-        return [{key: split[key][i] for key in batch} for i in range(len(sizes))]
-    raise TypeError(f"inputs must be a tensor or a tuple, list or dict of tensors; got {type(batch).__name__}")
+    split = {key: _split(value, sizes) for key, value in batch.items()}
+    return [{key: split[key][i] for key in batch} for i in range(len(sizes))]
 
 
 def _call(model: nn.Module, inputs):
@@ -81,34 +124,47 @@ def _detached_outputs(outputs: list):
     return outputs
 
 
-def _is_ddp(model: nn.Module) -> bool:
-    return isinstance(model, nn.parallel.DistributedDataParallel)
-
-
-@torch.no_grad()
-def _all_reduce_mean_grads(model: nn.parallel.DistributedDataParallel, params: list) -> None:
-    """Average .grad over the DDP process group: one all-reduce per dtype of a flat buffer."""
-    group = model.process_group
-    world = torch.distributed.get_world_size(group)
-    for p in params:  # every rank must contribute the same tensors
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    by_dtype: dict = {}
-    for p in params:
-        by_dtype.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
-    for grads in by_dtype.values():
-        flat = torch._utils._flatten_dense_tensors(grads)
-        torch.distributed.all_reduce(flat, group=group)
-        flat.div_(world)
-        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            g.copy_(synced)
-
-
 def _autocast_context(model: nn.Module, dtype: Optional[torch.dtype]):
     if dtype is None:
         return contextlib.nullcontext()
     device_type = next(model.parameters()).device.type
     return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+# -- the pass runner (fastsam/passes.py) of one sub-batch --------------------------------------
+
+class _SubBatchPasses:
+    """Runs the passes a SAM method asks for on one sub-batch of ``train_step``."""
+
+    def __init__(self, model, inputs, targets, loss_fn, ascent_loss, freeze_bn, scaler, autocast):
+        self.model, self.inputs, self.targets = model, inputs, targets
+        self.loss_fn, self.ascent_loss, self.freeze_bn = loss_fn, ascent_loss, freeze_bn
+        self.scaler, self.autocast = scaler, autocast
+        self.outputs = None  # of the unperturbed pass
+
+    def __call__(self, kind: Pass, *, scale: float = 1.0, sync: bool = False) -> Tensor:
+        model = self.model
+        if kind is Pass.LOSS:
+            with torch.no_grad(), _autocast_context(model, self.autocast):
+                self.outputs = _call(model, self.inputs)
+                return self.loss_fn(self.outputs, self.targets).detach()
+        frozen = kind is Pass.DESCENT and self.freeze_bn
+        with distributed.no_sync(model, sync), frozen_running_stats(model) if frozen else contextlib.nullcontext():
+            with _autocast_context(model, self.autocast):
+                out = _call(model, self.inputs)
+                loss = self.loss_fn(out, self.targets)
+                objective = self.ascent_loss(out, self.targets) if (
+                    kind is Pass.ASCENT and self.ascent_loss is not None) else loss
+            if scale != 1.0:
+                objective = objective * scale
+            (self.scaler.scale(objective) if self.scaler is not None else objective).backward()
+        if kind is not Pass.DESCENT:
+            self.outputs = out
+        return loss.detach()
+
+
+# Calls into an accumulation cycle so far, for plain optimizers (SAM keeps its own accumulator).
+_plain_cycle_calls: "weakref.WeakKeyDictionary[torch.optim.Optimizer, int]" = weakref.WeakKeyDictionary()
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs, targets: Tensor,
@@ -129,14 +185,17 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs, targe
     through the same loop. Gradients are clipped to ``max_grad_norm`` (if given) right
     before the single base step.
 
-    ``loss_fn`` must average over its sub-batch; sub-batch results are weighted by their
-    share of the batch (a last, smaller sub-batch is allowed).
+    ``inputs`` is a tensor or a (nested) tuple, list or dict of tensors (passed to the
+    model positionally or by keyword) that hold the same examples along dim 0 as
+    ``targets``. ``loss_fn`` must average over its sub-batch; sub-batch results are
+    weighted by their share of the batch (a last, smaller sub-batch is allowed).
 
     Mixed precision: ``autocast`` (e.g. ``torch.bfloat16``) runs the forward passes under
     ``torch.autocast``; with a ``torch.amp.GradScaler`` in ``scaler`` (fp16) losses are
-    scaled, a sub-batch whose ascent gradients are inf/nan skips its perturbation and the
-    whole step (weights untouched), inf/nan descent gradients make the scaler skip the base
-    step, and ``scaler.update()`` runs as usual at every step.
+    scaled, and a sub-batch whose ascent gradients are inf/nan is not perturbed and makes
+    the scaler skip the whole step (the whole accumulation cycle, on every DDP rank), with
+    the scale backed off once; inf/nan descent gradients do the same. ``scaler.update()``
+    runs once per step.
 
     Gradient accumulation over several calls: pass ``accumulation_steps=k`` to every call
     and ``step=False`` to all but the k-th; every call's gradients are weighted by 1/k.
@@ -147,81 +206,70 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs, targe
     accumulation_steps = _positive_int("accumulation_steps", accumulation_steps)
     if max_grad_norm is not None and not (float(max_grad_norm) > 0.0):
         raise ValueError(f"max_grad_norm must be > 0; got {max_grad_norm!r}")
-    sizes = _sub_batch_sizes(int(targets.shape[0]), micro_batch)
     sam = optimizer if isinstance(optimizer, SAM) else None
     if sam is None and ascent_loss is not None:
         raise ValueError("ascent_loss needs a fastsam.SAM optimizer")
     if sam is not None and sam.randsam and ascent_loss is not None:
         raise ValueError("ascent_loss has no effect with randsam=True (the ascent direction is noise)")
-    batch_size = sum(sizes)
+    batch_size = _batch_size(model, inputs, targets)
+    sizes = _sub_batch_sizes(batch_size, micro_batch)
     sub_inputs, sub_targets = _split(inputs, sizes), _split(targets, sizes)
-    # SAM keeps its own accumulator when gradients must outlive one descent pass
-    accumulate = len(sizes) > 1 or accumulation_steps > 1
-    mid_cycle = getattr(optimizer, "_fastsam_mid_accumulation", False)
-    if sam is not None or not mid_cycle:
+    ddp = distributed.is_ddp(model)
+    # SAM keeps its own accumulator when gradients must outlive one descent pass; under DDP
+    # GSAM always uses it, so that the final average is one collective per bucket.
+    accumulate = len(sizes) > 1 or accumulation_steps > 1 or (ddp and sam is not None
+                                                               and not sam.descent_is_linear())
+    if sam is None and _plain_cycle_calls.get(optimizer, 0) == 0:
         optimizer.zero_grad(set_to_none=True)
-    no_sync = model.no_sync if _is_ddp(model) else contextlib.nullcontext
 
     losses, perturbed_losses, outputs = [], [], []
-    skipped = False
+    synced = False
     try:
-        for x, y, size in zip(sub_inputs, sub_targets, sizes):
+        for i, (x, y, size) in enumerate(zip(sub_inputs, sub_targets, sizes)):
             weight = size / batch_size / accumulation_steps
-            with no_sync():
-                if sam is None:
-                    with _autocast_context(model, autocast):
-                        out = _call(model, x)
-                        loss = loss_fn(out, y)
-                    _backward(loss * weight, scaler)
-                else:
-                    out, loss, perturbed = _sam_sub_step(model, sam, x, y, loss_fn, ascent_loss, freeze_bn,
-                                                         weight if accumulate else None, scaler, autocast)
-                    if perturbed is None:  # the scaler saw inf/nan in the ascent gradients
-                        skipped = True
-                    else:
-                        perturbed_losses.append(perturbed)
-            losses.append(loss.detach() * (size / batch_size))
-            outputs.append(out)
-            if skipped:
-                break
-        optimizer._fastsam_mid_accumulation = not step and not skipped
+            last = step and i == len(sizes) - 1  # the step's final backward
+            passes = _SubBatchPasses(model, x, y, loss_fn, ascent_loss, freeze_bn, scaler, autocast)
+            if sam is None:
+                loss = passes(Pass.PLAIN, scale=weight, sync=last)
+            else:
+                result = sam.sub_step(passes, weight=weight if accumulate else None, sync=last and ddp,
+                                      skip_nonfinite=scaler is not None)
+                loss, synced = result.loss, result.synced
+                if result.perturbed_loss is not None:
+                    perturbed_losses.append((result.perturbed_loss, size))
+            losses.append(loss * (size / batch_size))
+            outputs.append(passes.outputs)
         stepped = False
-        if skipped:
-            # Drop what this step accumulated: .grad holds the inf/nan ascent gradients,
-            # so the scaler skips the base step and backs off as usual.
-            sam._drop_accumulation()
-            _finish(model, optimizer, sam, scaler, max_grad_norm)
-        elif step:
-            if sam is not None and sam.accumulating:
-                sam.load_accumulated_grads()
-            stepped = _finish(model, optimizer, sam, scaler, max_grad_norm)
+        if sam is None:
+            _plain_cycle_calls[optimizer] = 0 if step else _plain_cycle_calls.get(optimizer, 0) + 1
+        if step:
+            stepped = _finish(model, optimizer, sam, scaler, max_grad_norm, synced or not ddp)
     except BaseException:
         if sam is not None:
-            sam._abort()
-        optimizer._fastsam_mid_accumulation = False
+            sam.abort()
+        _plain_cycle_calls.pop(optimizer, None)
         optimizer.zero_grad(set_to_none=True)
         raise
     perturbed = None
     if perturbed_losses:
-        perturbed = torch.stack([l * (s / batch_size) for l, s in zip(perturbed_losses, sizes)]).sum()
+        perturbed = torch.stack([l * (s / batch_size) for l, s in perturbed_losses]).sum()
     return StepOutput(loss=torch.stack(losses).sum(), outputs=_detached_outputs(outputs),
                       perturbed_loss=perturbed, stepped=stepped)
 
 
-def _backward(loss: Tensor, scaler) -> None:
-    (scaler.scale(loss) if scaler is not None else loss).backward()
-
-
-def _finish(model, optimizer, sam: Optional[SAM], scaler, max_grad_norm) -> bool:
-    """All-reduce (DDP), unscale and clip, then the single base step. Returns whether it stepped."""
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-    if _is_ddp(model):
-        _all_reduce_mean_grads(model, params)
+def _finish(model, optimizer, sam: Optional[SAM], scaler, max_grad_norm, synced: bool) -> bool:
+    """Load (SAM), average (DDP, where the last backward did not), unscale and clip, then the
+    single base step. Returns whether it stepped."""
+    flats = sam.load_accumulated_grads() if sam is not None and sam.accumulating else []
+    if not synced:
+        # GSAM under DDP: the combined gradients live in the accumulator's flat buffers
+        distributed.all_reduce_mean_(flats, distributed.ddp_group(model))
     base = sam.base_optimizer if sam is not None else optimizer
     if scaler is not None and max_grad_norm is not None:
         scaler.unscale_(base)
     if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_grad_norm)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     if scaler is not None:
         scale_before = scaler.get_scale()
         sam.base_step(scaler) if sam is not None else scaler.step(optimizer)
@@ -229,28 +277,3 @@ def _finish(model, optimizer, sam: Optional[SAM], scaler, max_grad_norm) -> bool
         return scaler.get_scale() >= scale_before  # the scale backs off exactly when the step was skipped
     sam.base_step() if sam is not None else optimizer.step()
     return True
-
-
-def _sam_sub_step(model, sam: SAM, x, y, loss_fn, ascent_loss, freeze_bn: bool,
-                  accumulate_weight: Optional[float], scaler, autocast):
-    """One SAM sub-step; returns (outputs, loss, perturbed_loss), perturbed_loss None if skipped."""
-    if sam.randsam:
-        with torch.no_grad(), _autocast_context(model, autocast):
-            out = _call(model, x)
-            loss = loss_fn(out, y)
-    else:
-        with _autocast_context(model, autocast):
-            out = _call(model, x)
-            loss = loss_fn(out, y)
-            ascent = ascent_loss(out, y) if ascent_loss is not None else loss
-        _backward(ascent, scaler)
-    if not sam.first_step(zero_grad=False, skip_nonfinite=scaler is not None):
-        return out, loss, None  # .grad keeps the inf/nan for the scaler to find
-    sam.zero_grad(set_to_none=True)
-    with frozen_running_stats(model) if freeze_bn else contextlib.nullcontext():
-        with _autocast_context(model, autocast):
-            perturbed_loss = loss_fn(_call(model, x), y)
-    _backward(perturbed_loss, scaler)
-    # weighting after the GSAM combination: d = g_p - alpha g_orth must be formed unweighted
-    sam.unperturb(accumulate_weight=accumulate_weight)
-    return out, loss, perturbed_loss.detach()

@@ -79,6 +79,9 @@ class Backend:
     accumulate_: Callable
     unavailable_reason: Callable[[torch.device], Optional[str]]
     dtypes: tuple = ALL_FLOAT_DTYPES
+    # True when the ops also take a ``fastsam._C.GradsOf`` view (gradients read in C++
+    # at each call) wherever they take a list of gradients; see fastsam/plan.py.
+    reads_grads_in_place: bool = False
 
 
 def always_available(device: torch.device) -> Optional[str]:
@@ -87,12 +90,13 @@ def always_available(device: torch.device) -> Optional[str]:
 
 
 def backend_from_functions(name: str, functions: dict, unavailable_reason=always_available,
-                           dtypes: tuple = ALL_FLOAT_DTYPES) -> Backend:
-    """A Backend whose six ops are the functions named like them in ``functions`` (e.g. a module's globals())."""
+                           dtypes: tuple = ALL_FLOAT_DTYPES, reads_grads_in_place: bool = False) -> Backend:
+    """A Backend whose ops are the functions named like them in ``functions`` (e.g. a module's globals())."""
     missing = [op for op in OP_NAMES if not callable(functions.get(op))]
     if missing:
         raise TypeError(f"backend {name!r} lacks the ops {missing}")
-    return Backend(name, *(functions[op] for op in OP_NAMES), unavailable_reason=unavailable_reason, dtypes=dtypes)
+    return Backend(name, *(functions[op] for op in OP_NAMES), unavailable_reason=unavailable_reason, dtypes=dtypes,
+                   reads_grads_in_place=reads_grads_in_place)
 
 
 # name -> Backend, or "module:attribute" for backends imported on first use (so that

@@ -94,8 +94,82 @@ def _device_scalar(t: Tensor, like: Tensor) -> Tensor:
 
 def _seq(tensors: Sequence[Tensor]):
     """A list or tuple as is (torch.ops takes both; copying 4096-entry lists per call only
-    feeds the garbage collector), anything else as a list."""
-    return tensors if isinstance(tensors, (list, tuple)) else list(tensors)
+    feeds the garbage collector), a GradsOf view as is (the eager entry points read it in
+    C++), anything else as a list."""
+    if isinstance(tensors, (list, tuple)) or _is_grads_view(tensors):
+        return tensors
+    return list(tensors)
+
+
+def _is_grads_view(x) -> bool:
+    return _module is not None and type(x) is _module.GradsOf
+
+
+def _listed(tensors):
+    """What torch.ops takes: a GradsOf view becomes the list of its gradients."""
+    if not _is_grads_view(tensors):
+        return tensors
+    grads = tensors.tensors()
+    if any(g is None for g in grads):
+        from fastsam.plan import MissingGrad
+        raise MissingGrad(f"{sum(g is None for g in grads)} parameter(s) of the bucket have no gradient")
+    return grads
+
+
+# ---- the step plan's helpers (fastsam/plan.py), with pure-Python equivalents -------------
+
+def grads_view(params: list):
+    """A ``fastsam._C.GradsOf`` over ``params`` (their ``.grad`` read in C++ at each op call)."""
+    if load_extension() is None:
+        raise BackendUnavailableError(f"fastsam's compiled ops cannot run: {_load_error}: {BUILD_HINT}")
+    return _module.GradsOf(params)
+
+
+def param_signature(params: list):
+    """What the step plan depends on, per parameter, as one comparable value (C++ when built)."""
+    module = load_extension()
+    if module is not None:
+        return module._param_signature(params)
+    return tuple((p.numel(), p.requires_grad, p.dtype, p.device) for p in params)
+
+
+def grad_stamps(params: list):
+    """Which gradient tensors the parameters hold, at which version counters, as one comparable value."""
+    module = load_extension()
+    if module is not None:
+        return module._grad_stamps(params)
+    return tuple(None if p.grad is None else (id(p.grad), p.grad._version) for p in params)
+
+
+def stale_count(old, new) -> tuple[int, int]:
+    """(parameters whose gradient is unchanged between two grad_stamps, parameters with a gradient now)."""
+    if isinstance(new, bytes):
+        a = torch.frombuffer(bytearray(old), dtype=torch.int64).view(-1, 2)
+        b = torch.frombuffer(bytearray(new), dtype=torch.int64).view(-1, 2)
+        present = b[:, 0] != 0
+        return int(((a == b).all(1) & present).sum()), int(present.sum())
+    present = [s is not None for s in new]
+    return sum(1 for x, y, p in zip(old, new, present) if p and x == y), sum(present)
+
+
+def clear_grads(params: list) -> None:
+    """``p.grad = None`` for each parameter."""
+    module = load_extension()
+    if module is not None:
+        module._clear_grads(params)
+        return
+    for p in params:
+        p.grad = None
+
+
+def set_grads(params: list, tensors: list) -> None:
+    """``p.grad = t`` for each pair (same shapes, dtypes and devices)."""
+    module = load_extension()
+    if module is not None:
+        module._set_grads(params, tensors)
+        return
+    for p, t in zip(params, tensors):
+        p.grad = t
 
 
 def _eager():
@@ -125,7 +199,7 @@ def sumsq(tensors: Sequence[Tensor], params: Optional[Sequence[Tensor]] = None, 
         out = eager.sumsq(_seq(tensors), params, b, float(eta))
         if out is not NotImplemented:
             return out
-    return _ops().sumsq(_seq(tensors), params, b, float(eta))
+    return _ops().sumsq(_listed(_seq(tensors)), params, b, float(eta))
 
 
 def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], backups: Sequence[Tensor],
@@ -146,7 +220,8 @@ def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], backups: Sequenc
     if eager is not None and eager.perturb_(params, grads, backups, sumsq, float(rho), a, float(eta), float(eps),
                                             ascent_list, ascent_sumsq) is not NotImplemented:
         return
-    _ops().perturb_(params, grads, backups, sumsq, float(rho), a, float(eta), float(eps), ascent_list, ascent_sumsq)
+    _ops().perturb_(params, _listed(grads), backups, sumsq, float(rho), a, float(eta), float(eps), ascent_list,
+                    ascent_sumsq)
 
 
 def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
@@ -167,19 +242,19 @@ def gsam_reduce(ascent: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
         out = eager.gsam_reduce(ascent, grads)
         if out is not NotImplemented:
             return out
-    return _ops().gsam_reduce(ascent, grads)
+    return _ops().gsam_reduce(ascent, _listed(grads))
 
 
 def gsam_combine_(grads: Sequence[Tensor], ascent: Sequence[Tensor], stats: Tensor, alpha: float,
                   eps: float = 1e-12) -> None:
     if len(grads):
         grads, ascent = _seq(grads), _seq(ascent)
-        stats = _device_scalar(stats, grads[0])
+        stats = _device_scalar(stats, ascent[0])  # (grads may be a GradsOf view)
         eager = _eager()
         if eager is not None and eager.gsam_combine_(grads, ascent, stats, float(alpha),
                                                      float(eps)) is not NotImplemented:
             return
-        _ops().gsam_combine_(grads, ascent, stats, float(alpha), float(eps))
+        _ops().gsam_combine_(_listed(grads), ascent, stats, float(alpha), float(eps))
 
 
 def accumulate_(accum: Sequence[Tensor], grads: Sequence[Tensor], scale: float,
@@ -189,7 +264,7 @@ def accumulate_(accum: Sequence[Tensor], grads: Sequence[Tensor], scale: float,
         eager = _eager()
         if eager is not None and eager.accumulate_(accum, grads, float(scale), bool(init)) is not NotImplemented:
             return
-        _ops().accumulate_(accum, grads, float(scale), bool(init))
+        _ops().accumulate_(accum, _listed(grads), float(scale), bool(init))
 
 
 # The kernels compute in fp32; the contract computes float64 tensors in fp64, which
@@ -197,5 +272,6 @@ def accumulate_(accum: Sequence[Tensor], grads: Sequence[Tensor], scale: float,
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-CPP = backend_from_functions("cpp", globals(), _cpp_unavailable_reason, DTYPES)
-CUDA = backend_from_functions("cuda", globals(), _cuda_unavailable_reason, DTYPES)
+# reads_grads_in_place: the step plan may pass a GradsOf view wherever these ops take gradients.
+CPP = backend_from_functions("cpp", globals(), _cpp_unavailable_reason, DTYPES, reads_grads_in_place=True)
+CUDA = backend_from_functions("cuda", globals(), _cuda_unavailable_reason, DTYPES, reads_grads_in_place=True)

@@ -1,0 +1,92 @@
+"""Descent gradients summed over the sub-steps (and calls) of one optimizer step.
+
+Each bucket of the step plan (fastsam/plan.py) accumulates into views of one flat buffer,
+so that loading the sum into ``.grad`` is a pointer assignment per parameter and a
+data-parallel all-reduce can cover a whole bucket in one collective. A parameter's first
+contribution overwrites its buffer (``init=True``: no zero-fill pass), later ones add. A
+parameter without a gradient in some sub-step (an unused branch, an expert no example was
+routed to) simply contributes nothing there; one that never had a gradient keeps
+``.grad = None`` after loading, so the base optimizer leaves it alone as torch.optim does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from torch import Tensor
+
+from fastsam import distributed
+from fastsam.ops import compiled
+from fastsam.plan import Bucket, MissingGrad
+
+
+@dataclasses.dataclass
+class _Entry:
+    bucket: Bucket
+    done: Optional[list] = None  # per parameter: holds a contribution; None: all do
+
+
+class Accumulator:
+    """The running sum, per bucket."""
+
+    def __init__(self):
+        self._entries: dict[int, _Entry] = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self._entries)
+
+    def add(self, bucket: Bucket, weight: float) -> None:
+        """``accum += weight * grad`` for the bucket's parameters that have a gradient now."""
+        accum = bucket.flat_buffer("accum")
+        entry = self._entries.get(id(bucket))
+        try:
+            grads, present = bucket.grads(), None
+        except MissingGrad:
+            present = [i for i, p in enumerate(bucket.params) if p.grad is not None]
+            grads = [distributed.local(bucket.params[i].grad) for i in present]
+        accumulate = bucket.backend.accumulate_
+        if present is None and (entry is None or entry.done is None):
+            accumulate(accum, grads, weight, init=entry is None)
+            if entry is None:
+                self._entries[id(bucket)] = _Entry(bucket)
+            return
+        indices = range(len(bucket.params)) if present is None else present
+        if present is None:
+            grads = bucket.grad_list()
+        if entry is None:
+            entry = self._entries[id(bucket)] = _Entry(bucket, [False] * len(bucket.params))
+        elif entry.done is None:
+            entry.done = [True] * len(bucket.params)
+        by_index = dict(zip(indices, grads))
+        for init in (True, False):  # first contributions overwrite, later ones add
+            chosen = [i for i in indices if entry.done[i] != init]
+            if chosen:
+                accumulate([accum[i] for i in chosen], [by_index[i] for i in chosen], weight, init=init)
+        for i in indices:
+            entry.done[i] = True
+        if all(entry.done):
+            entry.done = None
+
+    def load(self) -> list[Tensor]:
+        """Move the sums into ``.grad``; returns the flat buffers now holding them (one per bucket)."""
+        flats = []
+        for entry in self._entries.values():
+            bucket = entry.bucket
+            accum = bucket.flat_buffer("accum")
+            if entry.done is None and not bucket.sharded:
+                compiled.set_grads(bucket.params, accum)
+            else:
+                for i, p in enumerate(bucket.params):
+                    if entry.done is None or entry.done[i]:
+                        p.grad = distributed.like_param(p, accum[i])
+                    else:
+                        accum[i].zero_()  # keeps the flat buffer finite for a collective over it
+                        p.grad = None
+            flats.extend(bucket.buffers["accum.flat"])
+        self._entries.clear()
+        return flats
+
+    def drop(self) -> None:
+        self._entries.clear()
