@@ -12,6 +12,7 @@ The extension is loaded on first use of a backend, never by ``import fastsam``.
 from __future__ import annotations
 
 import importlib
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -133,23 +134,30 @@ def param_signature(params: list):
     return tuple((p.numel(), p.requires_grad, p.dtype, p.device) for p in params)
 
 
-def grad_stamps(params: list):
-    """Which gradient tensors the parameters hold, at which version counters, as one comparable value."""
+class _PythonGradRecord:
+    """GradRecord without the extension: weak references to the gradient tensors and their versions."""
+
+    def __init__(self, params: list):
+        self._grads = [None if p.grad is None else (weakref.ref(p.grad), p.grad._version) for p in params]
+
+    def compare(self, params: list) -> tuple[int, int]:
+        unchanged = present = 0
+        for p, record in zip(params, self._grads):
+            if p.grad is None:
+                continue
+            present += 1
+            unchanged += record is not None and record[0]() is p.grad and record[1] == p.grad._version
+        present += sum(p.grad is not None for p in params[len(self._grads):])
+        return unchanged, present
+
+
+def grad_record(params: list):
+    """A record of which gradient tensors the parameters hold, at which versions (``.compare(params)``
+    -> (unchanged, present)); a C++ pass where the extension is built."""
     module = load_extension()
     if module is not None:
-        return module._grad_stamps(params)
-    return tuple(None if p.grad is None else (id(p.grad), p.grad._version) for p in params)
-
-
-def stale_count(old, new) -> tuple[int, int]:
-    """(parameters whose gradient is unchanged between two grad_stamps, parameters with a gradient now)."""
-    if isinstance(new, bytes):
-        a = torch.frombuffer(bytearray(old), dtype=torch.int64).view(-1, 2)
-        b = torch.frombuffer(bytearray(new), dtype=torch.int64).view(-1, 2)
-        present = b[:, 0] != 0
-        return int(((a == b).all(1) & present).sum()), int(present.sum())
-    present = [s is not None for s in new]
-    return sum(1 for x, y, p in zip(old, new, present) if p and x == y), sum(present)
+        return module.GradRecord(params)
+    return _PythonGradRecord(params)
 
 
 def clear_grads(params: list) -> None:
