@@ -105,9 +105,10 @@ constexpr int kCudaBlockThreads = 512;
 constexpr int64_t kCudaMaxBlocks = 8192;  // blocks per launch (block indices stay int32)
 constexpr int kCudaMaxDepth = 4;
 // Slots of a launch whose argument fits the classic 4 KiB kernel-parameter limit:
-// 8 bytes of address per list, 8 of length and 2 x 4 of block/chunk starts per slot.
+// 8 bytes of address per list, 8 of length, 2 x 4 of block/chunk starts and 4 of the
+// tensor's list position per slot (multi_tensor_apply.cuh checks the sizes).
 constexpr int64_t cuda_max_tensors(int depth) {
-  return depth == 1 ? 159 : depth == 2 ? 119 : depth == 3 ? 95 : 79;
+  return depth == 1 ? 136 : depth == 2 ? 105 : depth == 3 ? 86 : 73;
 }
 // Slots of a launch whose argument uses CUDA 12.1's 32 KiB limit (sm_70 and newer, built
 // with CUDA >= 12.1). The 4 KiB launches put the ResNet-50 set's 161 tensors in two
@@ -118,7 +119,7 @@ constexpr int64_t cuda_max_tensors(int depth) {
 // host time per call did not change (88 vs 87 us; benchmarks/results/nvidia-h200-2026-11-26-3).
 // Lists that fit 4 KiB keep it.
 constexpr int64_t cuda_max_tensors_large(int depth) {
-  return depth == 1 ? 1350 : depth == 2 ? 1015 : depth == 3 ? 810 : 675;
+  return depth == 1 ? 1164 : depth == 2 ? 905 : depth == 3 ? 741 : 627;
 }
 // The slots per launch the launcher uses for `tensors` non-empty tensors over `depth`
 // lists: the 4 KiB argument when they fit in it or large arguments are off, else the large one.

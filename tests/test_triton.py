@@ -381,7 +381,7 @@ COMPILE_CHECK = """
 
     def sizes(dtype, aligned, roles=2):
         block, lanes = tb.GPU_CONFIG.blocking(dtype)
-        return dict(ROLES=roles, BLOCK=block, LANES=lanes, ALIGNED=aligned)
+        return dict(ROLES=roles + 1, BLOCK=block, LANES=lanes, ALIGNED=aligned)  # + the positions column
 
     def ptx(kernel, types, constexprs, arch):
         signature = {n: "constexpr" if n in constexprs else types[n] for n in kernel.arg_names}
@@ -406,14 +406,16 @@ COMPILE_CHECK = """
         return dict(COMMON, **{n: "*fp32" for n in names}, **more)
 
     half = {n: "*bf16" for n in ("w_base", "g_base", "backup_base", "ascent_base")}
+    scalars = f32("sumsq_ptr", "ascent_sumsq_ptr", seed_ptr="*i64", rho="fp32", eta="fp32", eps="fp32")
     cases = [
-        (K.perturb_kernel, f32("w_base", "g_base", "backup_base", "ascent_base", "sumsq_ptr", "ascent_sumsq_ptr",
-                               rho="fp32", eta="fp32", eps="fp32"),
-         dict(A=2, HAS_ASCENT=True, NORMALIZE_ASCENT=True, **sizes(torch.float32, True, 4))),
-        (K.perturb_kernel, dict(f32("sumsq_ptr", "ascent_sumsq_ptr", rho="fp32", eta="fp32", eps="fp32"), **half),
-         dict(A=1, HAS_ASCENT=True, NORMALIZE_ASCENT=False, **sizes(torch.bfloat16, True, 4))),
-        (K.perturb_kernel, dict(f32("sumsq_ptr", "ascent_sumsq_ptr", rho="fp32", eta="fp32", eps="fp32"), **half),
-         dict(A=0, HAS_ASCENT=False, NORMALIZE_ASCENT=False, **sizes(torch.bfloat16, False, 3))),
+        (K.perturb_kernel, dict(scalars, **{n: "*fp32" for n in ("w_base", "g_base", "backup_base", "ascent_base")}),
+         dict(A=2, HAS_ASCENT=True, NORMALIZE_ASCENT=True, STOCHASTIC=False, **sizes(torch.float32, True, 4))),
+        (K.perturb_kernel, dict(scalars, **half),
+         dict(A=1, HAS_ASCENT=True, NORMALIZE_ASCENT=False, STOCHASTIC=False, **sizes(torch.bfloat16, True, 4))),
+        (K.perturb_kernel, dict(scalars, **half),
+         dict(A=0, HAS_ASCENT=False, NORMALIZE_ASCENT=False, STOCHASTIC=False, **sizes(torch.bfloat16, False, 3))),
+        (K.perturb_kernel, dict(scalars, **half),
+         dict(A=2, HAS_ASCENT=True, NORMALIZE_ASCENT=False, STOCHASTIC=True, **sizes(torch.bfloat16, True, 4))),
         (K.sumsq_kernel, f32("g_base", "w_base", "partials", eta="fp32"), dict(B=1, **sizes(torch.float32, True))),
         (K.restore_kernel, dict(COMMON, w_base="*fp16", backup_base="*fp16"), sizes(torch.float16, True)),
         (K.gsam_reduce_kernel, f32("ascent_base", "g_base", "partials", n_programs="i32"), sizes(torch.float32, True)),
@@ -439,7 +441,7 @@ def test_kernels_compile_for_gpus_with_vector_accesses():
         pytest.skip(f"cannot compile for CUDA here: {result.stderr.strip().splitlines()[-1]}")
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines()]
-    assert len(rows) == 9
+    assert len(rows) == 10
     for arch, name, aligned, vector_loads, spill_bytes in rows:
         if aligned == "True":
             assert int(vector_loads) > 0, f"{name} (sm_{arch}) has no 128-bit loads on its aligned path"

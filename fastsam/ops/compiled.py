@@ -213,7 +213,7 @@ def sumsq(tensors: Sequence[Tensor], params: Optional[Sequence[Tensor]] = None, 
 def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], backups: Sequence[Tensor],
              sumsq: Tensor, rho: float, a: int = 0, b: int = 0, eta: float = 0.0,
              eps: float = 1e-12, ascent: Optional[Sequence[Tensor]] = None,
-             ascent_sumsq: Optional[Tensor] = None) -> None:
+             ascent_sumsq: Optional[Tensor] = None, seed: Optional[Tensor] = None) -> None:
     check_exponents(a, b)
     if not len(params):
         return
@@ -226,10 +226,10 @@ def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], backups: Sequenc
     sumsq = _device_scalar(sumsq, params[0])
     eager = _eager()
     if eager is not None and eager.perturb_(params, grads, backups, sumsq, float(rho), a, float(eta), float(eps),
-                                            ascent_list, ascent_sumsq) is not NotImplemented:
+                                            ascent_list, ascent_sumsq, seed) is not NotImplemented:
         return
     _ops().perturb_(params, _listed(grads), backups, sumsq, float(rho), a, float(eta), float(eps), ascent_list,
-                    ascent_sumsq)
+                    ascent_sumsq, seed)
 
 
 def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:

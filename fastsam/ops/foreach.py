@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastsam.ops import backend_from_functions, check_exponents
+from fastsam.ops import backend_from_functions, check_exponents, rounding
 
 
 def _zero(device) -> Tensor:
@@ -56,7 +56,7 @@ def sumsq(tensors: Sequence[Tensor], params: Optional[Sequence[Tensor]] = None, 
 def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], backups: Sequence[Tensor],
              sumsq: Tensor, rho: float, a: int = 0, b: int = 0, eta: float = 0.0,
              eps: float = 1e-12, ascent: Optional[Sequence[Tensor]] = None,
-             ascent_sumsq: Optional[Tensor] = None) -> None:
+             ascent_sumsq: Optional[Tensor] = None, seed: Optional[Tensor] = None) -> None:
     check_exponents(a, b)
     if not params:
         return
@@ -66,14 +66,25 @@ def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], backups: Sequenc
         torch._foreach_copy_(list(ascent), grads)
         if ascent_sumsq is not None:
             torch._foreach_mul_(list(ascent), 1.0 / (ascent_sumsq.sqrt() + eps))
+    stochastic = seed is not None and params[0].dtype in rounding.LOW_PRECISION
+    if stochastic:  # w + eps in fp32, then rounded stochastically (fastsam/ops/rounding.py)
+        work = [p.float() for p in params]
+        grads = [g.float() for g in grads]
+    else:
+        work = params
     if a == 0:
         step = torch._foreach_mul(grads, scale)
-    else:
-        step = _adaptive_powers(params, eta, a)
-        torch._foreach_mul_(step, grads)
+    else:  # (scale * T^a) * g, in the reference's order (stochastic rounding then draws the same bits)
+        step = _adaptive_powers(work, eta, a)
         torch._foreach_mul_(step, scale)
+        torch._foreach_mul_(step, grads)
     torch._foreach_copy_(list(backups), params)
-    torch._foreach_add_(params, step)
+    torch._foreach_add_(work, step)
+    if stochastic:
+        seed = seed.to(params[0].device)
+        for i, (p, x) in enumerate(zip(params, work)):
+            partners = [grads[i], backups[i]] + ([ascent[i]] if ascent is not None else [])
+            p.copy_(rounding.stochastically_rounded(x, p.dtype, seed, i, rounding.walk_index(p, partners)))
 
 
 def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
