@@ -9,10 +9,7 @@ measured in the same run, and speed-ups over the reference and foreach backends.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import json
-import math
 import os
 import sys
 import time
@@ -24,6 +21,7 @@ from fastsam import ops
 from fastsam.bench import e2e as e2e_mod
 from fastsam.bench import engine, report
 from fastsam.bench import plot as plot_mod
+from fastsam.bench import results as results_mod
 from fastsam.bench.env import environment, load_average
 from fastsam.bench.workloads import WORKLOADS, parse_workloads
 
@@ -204,44 +202,7 @@ def _check_output(path: Optional[str], option: str) -> None:
         raise UsageError(f"{option} {path}: folder {parent} does not exist")
 
 
-# -- writing results --------------------------------------------------------------------------
-
-def _clean(value):
-    """JSON without NaN/inf (strict parsers reject them): those become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
-ENV_COLUMNS = ("date", "device_name", "driver", "torch", "triton", "fastsam", "git_commit", "load_average")
-
-
-def write_csv(path: str, result: dict) -> None:
-    env = result["environment"]
-    prefix = {k: env.get(k) for k in ENV_COLUMNS}
-    prefix["load_average"] = "/".join(map(str, env["load_average"])) if env.get("load_average") else None
-    prefix["mode"] = result["kind"] + (" quick" if result["settings"].get("quick") else "")
-    rows = [{**prefix, **_clean(r)} for r in result["results"]]
-    columns = list(rows[0]) if rows else list(prefix)
-    if os.path.exists(path) and os.path.getsize(path) > 0:
-        with open(path, newline="", encoding="utf-8") as f:
-            existing = next(csv.reader(f), [])
-        if existing != columns:
-            raise UsageError(f"--csv {path} exists with other columns (a different mode or version); "
-                             "choose another file")
-        mode = "a"
-    else:
-        mode = "w"
-    with open(path, mode, newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        if mode == "w":
-            writer.writeheader()
-        writer.writerows(rows)
-
+# -- progress ---------------------------------------------------------------------------------
 
 class Progress:
     """'[k/n] message (elapsed)' lines on stderr, so a long run shows it is alive."""
@@ -370,18 +331,16 @@ def main(argv=None) -> int:
         result["environment"]["command"] = " ".join([PROG] + list(sys.argv[1:] if argv is None else argv))
         # Files first: a reader that closes the pipe early (| head) must not lose them.
         if args.json:
-            with open(args.json, "w", encoding="utf-8") as f:
-                json.dump(_clean(result), f, indent=1)
-                f.write("\n")
+            results_mod.write_json(args.json, result)
         if args.csv:
-            write_csv(args.csv, result)
+            results_mod.write_csv(args.csv, result)
         if args.plot and result["results"]:
             plot_mod.plot(result, args.plot)
         try:
             print(report.format_result(result), flush=True)
         except BrokenPipeError:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-    except (UsageError, plot_mod.PlotUnavailableError) as exc:
+    except (UsageError, plot_mod.PlotUnavailableError, results_mod.ResultsFileError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     failed = [r for r in result["results"] if r.get("error")]

@@ -11,6 +11,8 @@ import math
 import sys
 from typing import Optional
 
+from fastsam.bench.results import ResultsFileError, write_csv
+
 
 def _num(value, fmt: str, missing: str = "-") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -139,10 +141,9 @@ def main(argv=None) -> int:
         result = json.load(f)
     print(format_result(result, brief=args.brief))
     if args.csv:
-        from fastsam.bench.cli import UsageError, write_csv
         try:
             write_csv(args.csv, result)
-        except UsageError as exc:
+        except ResultsFileError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     return 0
