@@ -400,17 +400,31 @@ def test_optimizer_substep_is_a_real_sam_step_on_parameters(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(ts.params, w0))  # and restored
 
 
-def test_interleaved_timing_alternates_and_enqueue_times_cover_the_calls():
-    s = engine.Settings(warmup_calls=1, warmup_s=0.0, warmup_cap_s=0.0, budget_s=0.03, min_reps=3, max_reps=4,
+def test_measure_many_interleaves_evenly_and_survives_a_failing_function():
+    s = engine.Settings(warmup_calls=1, warmup_s=0.0, warmup_cap_s=0.0, budget_s=0.024, min_reps=2, max_reps=12,
                         max_time_s=10.0, flush_mib=0, copy_mib=1)
     timer = Timer("cpu", settings=s)
-    order = []
-    short, long_ = timer.measure_interleaved([lambda: order.append(time.sleep(0.002) or "a"),
-                                              lambda: order.append(time.sleep(0.006) or "b")])
-    assert short.reps == long_.reps >= 3
-    timed = order[-2 * short.reps:]
-    assert timed == ["a", "b"] * short.reps
-    assert 2.0 <= short.median_ms < long_.median_ms and long_.min_ms >= 6.0
+    order, calls = [], {"c": 0}
+
+    def flaky():
+        calls["c"] += 1
+        if calls["c"] == 3:  # the warm-up call and one timed call work, then it breaks
+            raise RuntimeError("broke mid-measurement")
+
+    fast, slow, broken = timer.measure_many([lambda: order.append(time.sleep(0.002) or "a"),
+                                             lambda: order.append(time.sleep(0.006) or "b"), flaky])
+    assert isinstance(broken, RuntimeError) and "broke mid-measurement" in str(broken)
+    assert fast.reps > slow.reps >= 2
+    assert 2.0 <= fast.median_ms < slow.median_ms and slow.min_ms >= 6.0
+    timed = order[-(fast.reps + slow.reps):]
+    assert timed.count("a") == fast.reps and timed.count("b") == slow.reps
+    for k in range(1, len(timed) + 1):  # every prefix: both equally far through their repetitions
+        done_a, done_b = timed[:k].count("a") / fast.reps, timed[:k].count("b") / slow.reps
+        assert abs(done_a - done_b) <= 1.0 / slow.reps + 1e-9, (k, timed)
+
+
+def test_enqueue_times_cover_the_calls():
+    timer = Timer("cpu", quick=True)
     times = timer.enqueue_times(lambda: time.sleep(0.003), estimate_ms=3.0)
     assert 3.0 <= times["host_ms"] <= times["wall_ms"] < 100
     assert times["host_p20_ms"] <= times["host_ms"] <= times["host_p80_ms"]

@@ -42,19 +42,22 @@ def test_peer_perturbs_like_reference_and_restores_bit_exactly(name, dtype):
     w0, g0 = _snapshot(ts.params), _snapshot(ts.grads)
     peer = peers.PEERS[name]()
     peer.perturb(ts, RHO)
-    assert_lists_close(ts.params, _reference_perturbed(w0, g0), _step_magnitudes(w0, g0))
+    assert_lists_close(peer.weights(ts), _reference_perturbed(w0, g0), _step_magnitudes(w0, g0))
     peer.restore(ts)
-    assert_lists_equal(ts.params, w0, f"{name}: the restore must give the weights back bit for bit")
+    assert_lists_equal(peer.weights(ts), w0, f"{name}: the restore must give the weights back bit for bit")
+    assert_lists_equal(ts.params, w0, f"{name}: the TensorSet's weights must end where they started")
 
 
 @pytest.mark.parametrize("name", list(peers.PEERS))
 def test_peer_sam_substep_leaves_the_weights_unchanged_call_after_call(name):
     ts = workloads.TensorSet(ODD, "cpu", torch.float32)
     w0 = _snapshot(ts.params)
-    substep = peers.make_call("sam_substep", peers.PEERS[name](), ts, RHO, ALPHA)
+    peer = peers.PEERS[name]()
+    substep = peers.make_call("sam_substep", peer, ts, RHO, ALPHA)
     for _ in range(3):  # paper and (on a GPU) best-effort rescale the gradients in place each time
         substep()
-        assert_lists_equal(ts.params, w0, f"{name}: a SAM sub-step must end at the original weights")
+        assert_lists_equal(peer.weights(ts), w0, f"{name}: a SAM sub-step must end at the original weights")
+        assert_lists_equal(ts.params, w0, f"{name}: the TensorSet's weights must end where they started")
     assert all(torch.isfinite(g).all() for g in ts.grads)
 
 
@@ -69,11 +72,11 @@ def test_peer_gsam_matches_reference(name):
 
     peer.perturb(ts, RHO, keep_ascent=True)
     assert_lists_equal(ts.ascent, g0, f"{name}: GSAM's ascent copy must be the ascent gradient")
-    assert_lists_close(ts.params, _reference_perturbed(w0, g0), _step_magnitudes(w0, g0))
+    assert_lists_close(peer.weights(ts), _reference_perturbed(w0, g0), _step_magnitudes(w0, g0))
     torch._foreach_copy_(ts.grads, descent)  # the descent backward writes new gradients
     peer.gsam_finish(ts, ALPHA)
 
-    assert_lists_equal(ts.params, w0, f"{name}: GSAM's restore must give the weights back bit for bit")
+    assert_lists_equal(peer.weights(ts), w0, f"{name}: GSAM's restore must give the weights back bit for bit")
     expected = _snapshot(descent)
     stats = reference.gsam_reduce(g0, descent)
     reference.gsam_combine_(expected, g0, stats, ALPHA, peers.EPS)
@@ -91,3 +94,16 @@ def test_which_peers_have_gsam():
         peers.make_call("gsam_substep", peers.LoopPeer(), ts, RHO, ALPHA)
     with pytest.raises(ValueError, match="sam_substep, gsam_substep only"):
         peers.make_call("sumsq", peers.PaperPeer(), ts, RHO, ALPHA)
+
+
+def test_peer_loop_keeps_the_shared_weights_where_they_are():
+    """peer:loop rebinds .data at every restore (as its original does) on its own copy of the
+    weights: the TensorSet's tensors keep their memory, so backends timed beside it do too."""
+    ts = workloads.TensorSet(workloads.WORKLOADS["mini"], "cpu", torch.float32)
+    addresses = [p.data_ptr() for p in ts.params]
+    peer = peers.LoopPeer()
+    substep = peers.make_call("sam_substep", peer, ts, RHO, ALPHA)
+    substep()
+    substep()
+    assert [p.data_ptr() for p in ts.params] == addresses
+    assert [p.data_ptr() for p in peer.weights(ts)] != addresses

@@ -6,14 +6,15 @@ which also estimates one call's time), choose the repetitions that fill ``budget
 (clamped to ``[min_reps, max_reps]``), then time every repetition on its own: CUDA events
 around each call on the GPU, with the L2 cache overwritten before each one (not timed), or
 ``time.perf_counter`` on the CPU, whose ops are synchronous. Report the median and the 20th
-and 80th percentiles. Achieved bandwidth counts only the bytes a SAM sub-step must move
+and 80th percentiles. The implementations compared on one item are timed interleaved
+(``Timer.measure_many``): each keeps its own number of repetitions, spread evenly over the
+whole measurement. Achieved bandwidth counts only the bytes a SAM sub-step must move
 (docs/DESIGN.md: 28N bytes per fp32 sub-step) and is compared with a large device-to-device copy
 measured by the same engine, on the same device, in the same run.
 
 Besides fastsam's backends, a run can time peer baselines (fastsam.bench.peers: other
 implementations' SAM sub-steps, on the same tensors) and the host-time items
-(fastsam.bench.host: a sub-step through ``fastsam.SAM`` against its kernels alone, timed
-interleaved so that a change of machine load falls on both).
+(fastsam.bench.host: a sub-step through ``fastsam.SAM`` against its kernels alone).
 """
 
 from __future__ import annotations
@@ -264,22 +265,40 @@ class Timer:
                 gc.enable()
         return Timing(tuple(times))
 
-    def measure_interleaved(self, fns: list) -> list[Timing]:
-        """Warm each of ``fns`` up, then time them in turns (a, b, a, b, ...): one Timing each,
-        with as many repetitions as the slowest one's calibration allows."""
-        reps = min(self.calibrate(fn)[0] for fn in fns)
+    def measure_many(self, fns: list) -> list:
+        """Warm each of ``fns`` up, then time them all in one interleaved sequence: a Timing
+        each, or the exception that function raised (the others go on).
+
+        Each keeps the repetitions its own calibration chose; the next call is always the
+        one furthest behind on its own repetitions, so every function's calls are spread
+        evenly over the whole measurement and a change of machine load falls on all of them
+        alike (on a shared 2-core machine, timing backends one after the other moved their
+        medians by up to 2x against each other between runs).
+        """
+        plan: list = []
+        for fn in fns:
+            try:
+                plan.append(self.calibrate(fn)[0])
+            except Exception as exc:  # noqa: BLE001 -- reported in that function's row
+                plan.append(exc)
         times: list[list[float]] = [[] for _ in fns]
+        active = [i for i, p in enumerate(plan) if not isinstance(p, Exception)]
+        one = (lambda fn: self._time_cuda(fn, 1)[0]) if self.device.type == "cuda" else (lambda fn: self._time_host(fn, 1)[0])
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            for _ in range(reps):
-                for i, fn in enumerate(fns):
-                    one = self._time_cuda(fn, 1) if self.device.type == "cuda" else self._time_host(fn, 1)
-                    times[i] += one
+            while active:
+                i = min(active, key=lambda j: len(times[j]) / plan[j])
+                try:
+                    times[i].append(one(fns[i]))
+                except Exception as exc:  # noqa: BLE001
+                    plan[i] = exc
+                if isinstance(plan[i], Exception) or len(times[i]) >= plan[i]:
+                    active.remove(i)
         finally:
             if gc_was_enabled:
                 gc.enable()
-        return [Timing(tuple(t)) for t in times]
+        return [p if isinstance(p, Exception) else Timing(tuple(t)) for p, t in zip(plan, times)]
 
     def enqueue_times(self, fn: Callable[[], object], estimate_ms: float) -> dict:
         """GPU host time: ``fn`` called back to back without waiting for the device.
@@ -407,15 +426,15 @@ def _error(exc: BaseException) -> str:
 
 def iter_workload(timer: Timer, workload, backends: dict, items, dtype: torch.dtype, copy_gbps: float,
                   progress: Optional[Callable[[str], None]] = None, with_peers: bool = False):
-    """Yield one row per (item, backend or peer) as soon as it is measured (so an interrupted run keeps them).
+    """Yield one row per (item, backend or peer), item by item (an interrupted run keeps the items done).
 
-    Item-major order: the backends compared on one item are measured back to back, so a
-    change in machine load between items does not fall on one backend only; with
-    ``with_peers`` the peers follow them on the SAM and GSAM sub-steps (peer:loop has no
-    GSAM, so no row there). The host items come together, when the first is reached: per
-    backend, the optimizer and kernels sub-steps interleaved, on one set of parameters. A
-    backend that raises does not end the run: its row carries ``error`` and no timing, so
-    that one broken kernel cannot lose the other backends' numbers.
+    On each item, every backend (and, with ``with_peers``, every peer that has that
+    sub-step: peer:loop has no GSAM) is timed in one interleaved measurement
+    (``Timer.measure_many``), so a change in machine load falls on all of them alike. The
+    host items are one such measurement when the first of them is reached: every backend's
+    optimizer and kernels sub-steps. A backend that raises does not end the run: its row
+    carries ``error`` and no timing, so that one broken kernel cannot lose the other
+    backends' numbers.
     """
     ts = TensorSet(workload, timer.device, dtype)
     peer_set = peers.make_peers() if with_peers else {}
@@ -440,43 +459,61 @@ def iter_workload(timer: Timer, workload, backends: dict, items, dtype: torch.dt
                          f"{row['reps']} reps{host_time})")
         return row
 
-    def timed(row: dict, make: Callable[[], Callable[[], object]]) -> dict:
-        try:
-            row.update(timer.measure(make()).summary())
-        except Exception as exc:  # recorded in the row; the caller decides the exit status
-            row["error"] = _error(exc)
-        return finished(row)
-
     for item in items:
         if item in HOST_ITEMS:
             if item == host_items[0]:
-                for backend_name, backend in backends.items():
-                    yield from _host_rows(timer, ts, backend_name, backend, host_items, new_row, finished)
+                yield from _host_rows(timer, ts, backends, host_items, new_row, finished)
             continue
-        for backend_name, backend in backends.items():
-            yield timed(new_row(backend_name, "backend", item), lambda: make_call(item, backend, ts))
-        for peer_name in peers.peers_for(item) if with_peers else []:
-            peer = peer_set[peer_name]
-            yield timed(new_row(peer_name, "peer", item), lambda: peers.make_call(item, peer, ts, RHO, ALPHA))
+        entries = [(new_row(name, "backend", item), lambda b=backend: make_call(item, b, ts))
+                   for name, backend in backends.items()]
+        entries += [(new_row(name, "peer", item), lambda p=peer_set[name]: peers.make_call(item, p, ts, RHO, ALPHA))
+                    for name in (peers.peers_for(item) if with_peers else [])]
+        rows, fns = [], []
+        for row, make in entries:
+            try:
+                fns.append(make())
+                rows.append(row)
+            except Exception as exc:  # recorded in the row; the caller decides the exit status
+                row["error"] = _error(exc)
+                yield finished(row)
+        _fill(rows, timer.measure_many(fns))
+        for row in rows:
+            yield finished(row)
     del ts, peer_set
     if timer.device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def _host_rows(timer: Timer, ts: TensorSet, backend_name: str, backend, items: list, new_row, finished):
-    """The host items' rows of one backend, timed interleaved (and, on a GPU, their host time)."""
-    rows = [new_row(backend_name, "backend", item) for item in items]
-    try:
-        calls = host.make_calls(backend_name, backend, ts, RHO)
-        fns = [calls[item] for item in items]
-        for row, timing in zip(rows, timer.measure_interleaved(fns)):
+def _fill(rows: list[dict], timings: list) -> None:
+    for row, timing in zip(rows, timings):
+        if isinstance(timing, Exception):
+            row["error"] = _error(timing)
+        else:
             row.update(timing.summary())
-        if timer.device.type == "cuda":
-            for row, fn in zip(rows, fns):
-                row.update(timer.enqueue_times(fn, row["median_ms"]))
-    except Exception as exc:
-        for row in rows:
-            row.update({key: None for key in TIMING_KEYS + HOST_TIMING_KEYS})
-            row["error"] = _error(exc)
+
+
+def _host_rows(timer: Timer, ts: TensorSet, backends: dict, items: list, new_row, finished):
+    """The host items' rows of every backend, timed in one interleaved measurement (on a GPU
+    followed by each call's host time)."""
+    rows, fns = [], []
+    for backend_name, backend in backends.items():
+        mine = [new_row(backend_name, "backend", item) for item in items]
+        try:
+            calls = host.make_calls(backend_name, backend, ts, RHO)
+        except Exception as exc:
+            for row in mine:
+                row["error"] = _error(exc)
+                yield finished(row)
+            continue
+        rows += mine
+        fns += [calls[item] for item in items]
+    _fill(rows, timer.measure_many(fns))
+    if timer.device.type == "cuda":
+        for row, fn in zip(rows, fns):
+            if row["error"] is None:
+                try:
+                    row.update(timer.enqueue_times(fn, row["median_ms"]))
+                except Exception as exc:
+                    row["error"] = _error(exc)
     for row in rows:
         yield finished(row)

@@ -11,7 +11,10 @@ eps)``) and ``restore`` (the weights back, bit for bit); a SAM sub-step is the t
   fresh ``clone()`` kept in a per-parameter state dict, ``e_w = g * scale`` and ``p.add_(e_w)``;
   the restore rebinds ``p.data`` to that clone. (The published code computes
   ``(1.0 if not adaptive) * p.grad * scale``, one more pass and allocation per tensor, which
-  is left out here.) It has no GSAM.
+  is left out here.) Because the rebinding moves the weights to new memory at every step, it
+  works on its own copy of the TensorSet's weights (same values, same gradients): moving the
+  shared weights would change their addresses under the backends timed beside it, whose
+  per-address caches (triton's launch plans) would then miss on every call. It has no GSAM.
 * ``peer:paper``: the Forget-Sharpness paper's code (BorealisAI/perturbed-forgetting,
   ``optim/sam.py``): backup with a copy per tensor list, the norm as the vector norm of the
   stacked ``_foreach_norm`` results, the gradient normalised in place by ``_foreach_div_``,
@@ -61,6 +64,10 @@ class Peer:
     description = ""
     has_gsam = False
 
+    def weights(self, ts: TensorSet) -> list:
+        """The weight tensors this peer perturbs and restores (the TensorSet's own, unless it says otherwise)."""
+        return ts.params
+
     def perturb(self, ts: TensorSet, rho: float, keep_ascent: bool = False) -> None:
         """Norm, backup and ``w <- w + rho g / (||g|| + eps)``; with ``keep_ascent`` (GSAM) also ``ts.ascent <- g``."""
         raise NotImplementedError
@@ -80,20 +87,28 @@ class LoopPeer(Peer):
 
     def __init__(self):
         self.state: dict = collections.defaultdict(dict)
+        self._weights = None
+
+    def weights(self, ts: TensorSet) -> list:
+        """A copy of the TensorSet's weights, made on first use (see the module docstring)."""
+        if self._weights is None:
+            self._weights = [p.clone() for p in ts.params]
+        return self._weights
 
     def perturb(self, ts: TensorSet, rho: float, keep_ascent: bool = False) -> None:
         if keep_ascent:
             raise NotImplementedError(f"{self.name} has no GSAM")
-        device = ts.params[0].device
+        params = self.weights(ts)
+        device = params[0].device
         norm = torch.norm(torch.stack([g.norm(p=2).to(device) for g in ts.grads]), p=2)
         scale = rho / (norm + EPS)
-        for p, g in zip(ts.params, ts.grads):
+        for p, g in zip(params, ts.grads):
             self.state[p]["old_p"] = p.data.clone()
             e_w = g * scale.to(p)
             p.add_(e_w)
 
     def restore(self, ts: TensorSet) -> None:
-        for p in ts.params:
+        for p in self.weights(ts):
             p.data = self.state[p]["old_p"]
 
 

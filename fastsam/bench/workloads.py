@@ -147,11 +147,7 @@ class TensorSet:
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """New ``nn.Parameter`` objects on the storage of ``params``, each with ``.grad`` = the
-        matching gradient: what ``fastsam.SAM`` is given when the optimizer itself is timed.
-
-        Made afresh on each call, so they share the storage ``params`` has now (the
-        ``peer:loop`` baseline restores weights by rebinding ``.data``, as its original does).
-        """
+        matching gradient: what ``fastsam.SAM`` is given when the optimizer itself is timed."""
         out = []
         for p, g in zip(self.params, self.grads):
             param = torch.nn.Parameter(p)
