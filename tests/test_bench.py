@@ -302,7 +302,7 @@ def test_host_items_time_the_optimizer_against_its_kernels(tmp_path, capsys):
     assert set(rows) == {(b, i) for b in backends for i in host.ITEMS}
     for b in backends:
         opt, kern = rows[(b, "optimizer_substep")], rows[(b, "kernels_substep")]
-        assert opt["error"] is None and kern["error"] is None and opt["reps"] == kern["reps"]  # interleaved
+        assert opt["error"] is None and kern["error"] is None
         assert math.isclose(opt["optimizer_vs_kernels"], opt["median_ms"] / kern["median_ms"], rel_tol=1e-9)
         assert math.isclose(opt["host_overhead_ms"], opt["median_ms"] - kern["median_ms"], rel_tol=1e-9)
         assert math.isclose(opt["host_pct"], 100 * opt["host_overhead_ms"] / opt["median_ms"], rel_tol=1e-9)
