@@ -87,7 +87,7 @@ PyTypeObject GradsOfType = [] {
 }();
 
 [[noreturn]] void raise_missing_grad(Py_ssize_t index) {
-  PyObject* module = PyImport_ImportModule("fastsam.plan");
+  PyObject* module = PyImport_ImportModule("fastsam.ops");
   PyObject* type = module ? PyObject_GetAttrString(module, "MissingGrad") : nullptr;
   Py_XDECREF(module);
   if (type != nullptr) {

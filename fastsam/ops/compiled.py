@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastsam.ops import BackendUnavailableError, backend_from_functions, check_exponents
+from fastsam.ops import BackendUnavailableError, MissingGrad, backend_from_functions, check_exponents
 
 BUILD_HINT = ("reinstall fastsam with `pip install --no-build-isolation -e .` after installing torch "
               "and ninja (a C++ compiler is needed; see README.md)")
@@ -112,7 +112,6 @@ def _listed(tensors):
         return tensors
     grads = tensors.tensors()
     if any(g is None for g in grads):
-        from fastsam.plan import MissingGrad
         raise MissingGrad(f"{sum(g is None for g in grads)} parameter(s) of the bucket have no gradient")
     return grads
 
