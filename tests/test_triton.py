@@ -21,7 +21,7 @@ import torch
 from fastsam import ops
 from fastsam.ops import reference
 from fastsam.ops import triton_backend as tb
-from tests.conftest import DTYPES, assert_close_scaled, expected_backends
+from tests.conftest import DTYPES, assert_close_scaled, assert_lists_close, assert_lists_equal, expected_backends
 
 REASON_CPU = tb.unavailable_reason("cpu")
 needs_kernels_on_cpu = pytest.mark.skipif(REASON_CPU is not None, reason=f"triton on cpu: {REASON_CPU}")
@@ -513,46 +513,98 @@ def test_gpu_large_and_misaligned_tensors_match_reference(dtype, offset):
     assert all(torch.equal(a, b) for a, b in zip(results[1][0], params))
 
 
+SUBSTEP_INPUTS = ("params", "grads", "descent", "accum")
+SUBSTEP_LISTS = SUBSTEP_INPUTS + ("backups", "ascent", "perturbed")
+
+
+def gsam_substep(backend, lists: dict) -> tuple:
+    """A GSAM sub-step with every op, on the tensor lists in ``lists`` (updated in place):
+    returns (sumsq, GSAM stats). ``perturbed`` receives what perturb_ made before restore_
+    undoes it; ``descent`` then replaces ``grads``, as the descent backward would (an
+    ascent gradient parallel to the descent one would make gsam_combine_ a no-op)."""
+    params, grads = lists["params"], lists["grads"]
+    total = backend.sumsq(grads, params, 1, 0.01)
+    backend.perturb_(params, grads, lists["backups"], total, 0.05, 2, 1, 0.01, 1e-12, lists["ascent"], total)
+    torch._foreach_copy_(lists["perturbed"], params)
+    backend.restore_(params, lists["backups"])
+    torch._foreach_copy_(grads, lists["descent"])
+    stats = backend.gsam_reduce(lists["ascent"], grads)
+    backend.gsam_combine_(grads, lists["ascent"], stats, 0.4)
+    backend.accumulate_(lists["accum"], grads, 0.5)
+    return total, stats
+
+
+def substep_lists(sizes, device, seed: int) -> dict:
+    """Inputs of gsam_substep (SUBSTEP_INPUTS random; the rest filled with NaN)."""
+    gen = torch.Generator().manual_seed(seed)
+    lists = {name: [torch.full((n,), float("nan"), device=device) for n in sizes] for name in SUBSTEP_LISTS}
+    for name, scale in (("params", 1.0), ("grads", 0.1), ("descent", 0.1), ("accum", 1.0)):
+        lists[name] = [(torch.randn(n, generator=gen) * scale).to(device) for n in sizes]
+    return lists
+
+
+def assert_substep_matches(actual: dict, actual_scalars, inputs: dict, expected: dict, expected_scalars):
+    """Every output of gsam_substep against the reference's outputs from the same inputs."""
+    for a, e in zip(actual_scalars, expected_scalars):
+        assert_close_scaled(a, e, 0.0, torch.float32, reduction=True)
+    assert_lists_equal(actual["backups"], inputs["params"], "backups must hold the weights before perturb_")
+    assert_lists_equal(actual["params"], inputs["params"], "restore_ must give back the weights bit-exactly")
+    w0, g0, acc0 = inputs["params"], inputs["descent"], inputs["accum"]
+    assert_lists_close(actual["perturbed"], expected["perturbed"],
+                       [w.abs() + (e - w).abs() for w, e in zip(w0, expected["perturbed"])])
+    assert_lists_close(actual["ascent"], expected["ascent"], [e.abs() for e in expected["ascent"]])
+    assert_lists_close(actual["grads"], expected["grads"],
+                       [g.abs() + (e - g).abs() + 0.4 * a.abs() for g, e, a in zip(g0, expected["grads"],
+                                                                                 expected["ascent"])])
+    assert_lists_close(actual["accum"], expected["accum"],
+                       [acc.abs() + 0.5 * g.abs() for acc, g in zip(acc0, expected["grads"])])
+
+
+def replay_with_new_inputs(replay, lists: dict, outputs: tuple, seed: int) -> None:
+    """Write new inputs into the captured buffers, ``replay()``, and compare every output
+    with the reference sub-step on the same inputs (a replay that does nothing, or that
+    reads stale inputs, fails)."""
+    sizes = [p.numel() for p in lists["params"]]
+    new = substep_lists(sizes, lists["params"][0].device, seed)
+    for name in SUBSTEP_INPUTS:
+        torch._foreach_copy_(lists[name], new[name])
+    inputs = {name: [t.clone() for t in new[name]] for name in SUBSTEP_INPUTS}
+    replay()
+    expected_scalars = gsam_substep(reference, new)
+    assert_substep_matches(lists, outputs, inputs, new, expected_scalars)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine")
 def test_gpu_step_never_synchronises_and_is_graph_capturable():
     triton_ops = ops.get_backend("triton", "cuda")
-    params = [torch.randn(n, device="cuda") for n in (1000, 4096 * 5 + 7, 3)]
-    grads = [torch.randn_like(p) for p in params]
-    backups = [torch.empty_like(p) for p in params]
-    ascent = [torch.empty_like(p) for p in params]
-    accum = [torch.empty_like(p) for p in params]
-
-    def step():
-        total = triton_ops.sumsq(grads, params, 1, 0.01)
-        triton_ops.perturb_(params, grads, backups, total, 0.05, 2, 1, 0.01, 1e-12, ascent, total)
-        triton_ops.restore_(params, backups)
-        stats = triton_ops.gsam_reduce(ascent, grads)
-        triton_ops.gsam_combine_(grads, ascent, stats, 0.4)
-        triton_ops.accumulate_(accum, grads, 0.5, init=True)
+    lists = substep_lists((1000, 4096 * 5 + 7, 3), "cuda", seed=0)
 
     tb.clear_caches()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        step()  # cache misses: tables and plans go up from pinned memory, asynchronously
-        step()  # cache hits
+        gsam_substep(triton_ops, lists)  # cache misses: tables and plans go up from pinned memory, asynchronously
+        gsam_substep(triton_ops, lists)  # cache hits
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
-    before = [p.clone() for p in params]
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        step()
+        gsam_substep(triton_ops, lists)
         with torch.cuda.graph(graph):
-            step()
+            outputs = gsam_substep(triton_ops, lists)  # sumsq and stats: the graph's own tensors
     torch.cuda.current_stream().wait_stream(stream)
     tb.clear_caches()  # the graph must keep what it replays
-    graph.replay()
-    torch.cuda.synchronize()
-    assert all(torch.equal(p, b) for p, b in zip(params, before)), "perturb + restore must leave weights bit-exact"
+
+    def replay():
+        graph.replay()
+        torch.cuda.synchronize()
+
+    for seed in (1, 2):
+        replay_with_new_inputs(replay, lists, outputs, seed)
 
     unseen = [torch.randn(7, device="cuda")]
     with pytest.raises(RuntimeError, match="outside CUDA graph capture"):
