@@ -190,7 +190,9 @@ def test_setup_finds_archs_that_cannot_take_large_kernel_arguments(arch_list, ol
 @pytest.mark.parametrize("value", [None, "1", "0", "yes"])
 def test_cuda_large_params_switch(value):
     """32 KiB launch arguments are on wherever the CUDA kernels were built with CUDA >= 12.1;
-    FASTSAM_CUDA_LARGE_PARAMS=0 turns them off (for measuring), other values are refused."""
+    FASTSAM_CUDA_LARGE_PARAMS=0 turns them off (for measuring), other values are refused.
+    An extension built without CUDA kernels (FASTSAM_SKIP_CUDA) has no launches to switch
+    and does not read the variable: always off."""
     code = ("import torch, fastsam.ops.compiled as c; c.load_extension()\n"
             "try:\n    print(torch.ops.fastsam._launch_config()[12])\n"
             "except RuntimeError as e:\n    print(str(e).splitlines()[0])")
@@ -201,7 +203,9 @@ def test_cuda_large_params_switch(value):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     last = out.stdout.strip().splitlines()[-1]
-    if value == "yes":
+    if not compiled.cuda_kernels_built():
+        assert last == "0"
+    elif value == "yes":
         assert "FASTSAM_CUDA_LARGE_PARAMS must be 0 or 1" in last
     else:
         assert last == str(int(value != "0" and large_params_by_default()))
