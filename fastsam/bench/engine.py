@@ -41,7 +41,7 @@ from fastsam.bench.workloads import TensorSet
 #   accumulate_   reads accum, g; writes accum (init=False)        3
 # A SAM sub-step is sumsq + perturb_ + restore_: 1 + 4 + 2 = 7 -> 28N bytes in fp32. A GSAM
 # sub-step also writes the ascent copy in perturb_ (+1) and runs gsam_reduce and
-# gsam_combine_ (+5): 13 -> 52N bytes, i.e. GSAM adds 24N (docs/DESIGN.md: "~28N").
+# gsam_combine_ (+5): 13 -> 52N bytes, i.e. GSAM adds 24N (docs/DESIGN.md, "The byte floor").
 
 
 @dataclasses.dataclass(frozen=True)
