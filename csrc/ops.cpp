@@ -18,6 +18,7 @@ namespace fastsam {
 int64_t cpu_threads_used(int64_t items);  // cpu_kernels.cpp
 PyMethodDef* eager_methods();            // eager.cpp
 PyMethodDef* list_signature_methods();   // list_signature.cpp
+PyMethodDef* base_step_methods();        // base_step_eager.cpp
 
 namespace {
 
@@ -142,6 +143,7 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
   if (m == nullptr) return nullptr;
   if (PyModule_AddFunctions(m, fastsam::eager_methods()) != 0 ||
       PyModule_AddFunctions(m, fastsam::list_signature_methods()) != 0 ||
+      PyModule_AddFunctions(m, fastsam::base_step_methods()) != 0 ||
       PyModule_AddIntConstant(m, "WITH_CUDA", FASTSAM_CUDA_FLAG) != 0) {
     Py_DECREF(m);
     return nullptr;
