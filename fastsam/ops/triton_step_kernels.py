@@ -16,13 +16,33 @@ the import runs them on CPU tensors).
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
-from fastsam.ops.triton_kernels import (_chunk_coords, _chunk_ptrs, _lane_coords, _lane_ptrs, _load, _restore_body,
-                                        _store)
+from fastsam.ops.triton_kernels import _chunk_coords, _chunk_ptrs, _lane_coords, _lane_ptrs, _load, _restore_body
 
 _SIZES = ["n_chunks", "n_lanes"]
+
+# Triton 3.8's interpreter converts fp32 to bf16 by truncation (runtime/interpreter.py,
+# _convert_float without a rounding mode); compiled kernels round to nearest even. Truncation
+# biases every store towards zero: a 7-step bf16 Adam trajectory drifted 5 ulps from fp32
+# against 1 for the reference (tests/test_fused_steps.py). Under the interpreter the stores
+# below round by hand, so that the CPU tests see the GPU's rounding.
+_BF16_BY_HAND = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
+
+@triton.jit
+def _store(ptrs, x, valid):
+    """Round ``x`` once (to nearest even) into the pointee dtype and store it."""
+    if _BF16_BY_HAND and ptrs.dtype.element_ty == tl.bfloat16 and x.dtype == tl.float32:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).to(tl.uint16)
+        rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN stays NaN
+        tl.store(ptrs, rounded.to(tl.bfloat16, bitcast=True), mask=valid)
+    else:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=valid)
 
 
 # -- the direction a step consumes --------------------------------------------------------
