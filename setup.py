@@ -197,7 +197,9 @@ def extension_modules():
     openmp, openmp_reason = _openmp_flags(torch)
     if openmp_reason:
         _note(f"CPU kernels will run on one thread: {openmp_reason}")
-    cxx_flags = ["-O3", "-g0"] + openmp
+    # -fno-math-errno: nothing reads errno, and with it sqrtf is a branch to the library for
+    # negative inputs, which kept GCC from vectorising the Adam step (csrc/base_step_cpu.cpp).
+    cxx_flags = ["-O3", "-g0", "-fno-math-errno"] + openmp
     # Link the libstdc++ that torch runs with, by path, ahead of the compiler's own. On the
     # lent H200 machines (2026-11-26) the compiler (/opt/gcc/bin/g++) linked its libstdc++
     # statically into fastsam._C; two libstdc++ copies in one process then shared one

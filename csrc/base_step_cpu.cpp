@@ -6,7 +6,8 @@
 // grad_scale, GSAM's stats, Adam's step counts, a tensor lr) are CPU tensors, read here.
 
 // One pass over memory: without this GCC may split `w[i] = backup[i]` out of a loop into a
-// memmove (loop distribution), reading the backup twice (see cpu_kernels.cpp).
+// memmove (loop distribution), reading the backup twice (see cpu_kernels.cpp). The Adam loops
+// also need setup.py's -fno-math-errno (a pragma does not reach sqrtf's expansion).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-tree-loop-distribute-patterns")
 #endif
@@ -50,16 +51,18 @@ void for_segments(const CpuItems& items, const F& per_segment) {
   });
 }
 
-// Calls f(std::bool_constant<a>{}, std::bool_constant<b>{}, std::bool_constant<c>{}).
+// with_flags(f, a, b, ...) calls f(std::bool_constant<a>{}, std::bool_constant<b>{}, ...).
 template <typename F>
-void with_flags(bool a, bool b, bool c, F&& f) {
-  auto c_ = [&](auto A, auto B) {
-    if (c) f(A, B, std::true_type{}); else f(A, B, std::false_type{});
-  };
-  auto b_ = [&](auto A) {
-    if (b) c_(A, std::true_type{}); else c_(A, std::false_type{});
-  };
-  if (a) b_(std::true_type{}); else b_(std::false_type{});
+void with_flags(F&& f) {
+  f();
+}
+template <typename F, typename... Rest>
+void with_flags(F&& f, bool flag, Rest... rest) {
+  if (flag) {
+    with_flags([&](auto... b) { f(std::true_type{}, b...); }, rest...);
+  } else {
+    with_flags([&](auto... b) { f(std::false_type{}, b...); }, rest...);
+  }
 }
 
 math::ChainScalars chain_scalars(const StepScalarArgs& a) {
@@ -70,9 +73,8 @@ math::ChainScalars chain_scalars(const StepScalarArgs& a) {
   }
   c.alpha = static_cast<float>(a.alpha);
   c.accum_scale = static_cast<float>(a.accum_scale);
-  c.has_grad_scale = a.grad_scale.defined();
-  if (c.has_grad_scale) c.grad_scale = host_value(a.grad_scale);
-  c.maximize = a.maximize;
+  if (a.grad_scale.defined()) c.grad_scale = host_value(a.grad_scale);
+  c.sign = a.maximize ? -1.0f : 1.0f;
   return c;
 }
 
@@ -92,32 +94,93 @@ void restore_sources(StepLists& sl) {
   sl.prep.write_back();
 }
 
-// ---- segment loops -------------------------------------------------------------------
-// The sources may be the parameters themselves (no backups), so no __restrict__ on those
-// two: each element is read before it is written.
+// ---- instruction sets ----------------------------------------------------------------
+// torch's own fused CPU optimizers run AVX2/AVX-512 code chosen at run time; the extension is
+// built for the baseline ISA (SSE2 on x86-64). The step loops are therefore also compiled for
+// AVX2 and AVX-512 (the segment functions are forced inline into a wrapper per target) and
+// chosen per segment by what the CPU supports. GCC contracts a * b + c into FMAs where the
+// target has them (AVX-512 here), so results can differ from the SSE2 build by an ulp; the
+// tests' fp32 tolerance is ~80 ulps. Measured on the shared 2-core AVX-512 VM (load ~5), one
+// thread, 25M elements from backups, medians of 9 (two runs each), baseline vs dispatched:
+// fp32 adam_step_ 45 vs 39-40 ms, sgd_step_ (momentum) 35 vs 30 ms; bf16 sgd_step_ 33 vs
+// 18.5 ms; bf16 adam_step_ 118 vs 117 ms (its conversions stay scalar).
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define FASTSAM_LOOP inline __attribute__((always_inline))
+#define FASTSAM_ISA_DISPATCH 1
+#else
+#define FASTSAM_LOOP inline
+#define FASTSAM_ISA_DISPATCH 0
+#endif
 
-template <typename T, bool Momentum, bool Gsam, bool Accum>
-void sgd_segment(T* w, const T* src, const T* g, T* buf, const T* asc, const T* acc, int64_t lo, int64_t hi,
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+Isa cpu_isa() {
+#if FASTSAM_ISA_DISPATCH
+  static const Isa isa = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+                             ? Isa::kAvx512
+                         : __builtin_cpu_supports("avx2") ? Isa::kAvx2
+                                                          : Isa::kBaseline;
+  return isa;
+#else
+  return Isa::kBaseline;
+#endif
+}
+
+#if FASTSAM_ISA_DISPATCH
+template <auto Loop, typename... A>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void loop_avx512(A... args) {
+  Loop(args...);
+}
+template <auto Loop, typename... A>
+__attribute__((target("avx2"))) void loop_avx2(A... args) {
+  Loop(args...);
+}
+#endif
+
+// Loop(args...) compiled for the best instruction set this CPU has.
+template <auto Loop, typename... A>
+void run_loop(A... args) {
+#if FASTSAM_ISA_DISPATCH
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return loop_avx512<Loop>(args...);
+    case Isa::kAvx2: return loop_avx2<Loop>(args...);
+    case Isa::kBaseline: break;
+  }
+#endif
+  Loop(args...);
+}
+
+// ---- segment loops -------------------------------------------------------------------
+// The sources may be the parameters themselves (no backups), so no __restrict__ on those two;
+// ivdep tells the vectoriser what holds either way: no dependence between iterations (each
+// element is read, then written, in its own iteration). Without it GCC needs more run-time
+// alias checks than it allows and leaves the loops scalar.
+
+template <typename T, bool Momentum, bool L2, bool Gsam, bool Accum>
+FASTSAM_LOOP void sgd_segment(T* w, const T* src, const T* g, T* buf, const T* asc, const T* acc, int64_t lo, int64_t hi,
                  const math::ChainScalars& c, const math::SgdScalars& s) {
+#pragma GCC ivdep
   for (int64_t i = lo; i < hi; ++i) {
     const float d = math::chain_direction<Gsam, Accum>(load(g[i]), Gsam ? load(asc[i]) : 0.0f,
                                                        Accum ? load(acc[i]) : 0.0f, c);
-    float b = (Momentum && !s.first) ? load(buf[i]) : 0.0f;
-    const float w_new = math::sgd_update<Momentum>(load(src[i]), d, b, s);
+    float b = Momentum ? load(buf[i]) : 0.0f;  // ignored on the first step (the select in sgd_update)
+    const float w_new = math::sgd_update<Momentum, L2>(load(src[i]), d, b, s);
     if constexpr (Momentum) buf[i] = static_cast<T>(b);
     w[i] = static_cast<T>(w_new);
   }
 }
 
-template <typename T, bool Amsgrad, bool Gsam, bool Accum>
-void adam_segment(T* w, const T* src, const T* g, T* m, T* v, T* vmax, const T* asc, const T* acc, int64_t lo,
+template <typename T, bool Amsgrad, bool L2, bool Gsam, bool Accum>
+FASTSAM_LOOP void adam_segment(T* w, const T* src, const T* g, T* m, T* v, T* vmax, const T* asc, const T* acc, int64_t lo,
                   int64_t hi, const math::ChainScalars& c, const math::AdamScalars& s) {
+#pragma GCC ivdep
   for (int64_t i = lo; i < hi; ++i) {
     const float d = math::chain_direction<Gsam, Accum>(load(g[i]), Gsam ? load(asc[i]) : 0.0f,
                                                        Accum ? load(acc[i]) : 0.0f, c);
     const float w_src = load(src[i]);
     float m_i = load(m[i]), v_i = load(v[i]);
-    math::adam_moments(w_src, d, m_i, v_i, s);
+    math::adam_moments<L2>(w_src, d, m_i, v_i, s);
     float v_hat = v_i;
     if constexpr (Amsgrad) {
       v_hat = math::nan_maximum(load(vmax[i]), v_i);
@@ -219,15 +282,16 @@ void sgd_step_cpu(TensorRefs params, TensorRefs grads, TensorRefs momentum_buffe
   const FlatLists& l = sl.prep.flat;
   const int ascent_list = 3 + sl.state_lists, accum_list = ascent_list + sl.gsam;
   FASTSAM_STEP_DISPATCH(sl.prep.dtype, "fastsam_sgd_step_cpu", [&] {
-    with_flags(sl.state_lists == 1, sl.gsam, sl.accum, [&](auto M, auto G, auto A) {
-      constexpr bool kM = decltype(M)::value, kG = decltype(G)::value, kA = decltype(A)::value;
+    with_flags([&](auto M, auto L2, auto G, auto A) {
+      constexpr bool kM = decltype(M)::value, kL2 = decltype(L2)::value;
+      constexpr bool kG = decltype(G)::value, kA = decltype(A)::value;
       for_segments(items, [&](int64_t t, int64_t lo, int64_t hi) {
-        sgd_segment<scalar_t, kM, kG, kA>(l.at<scalar_t>(0, t), l.at<scalar_t>(1, t), l.at<scalar_t>(2, t),
+        run_loop<&sgd_segment<scalar_t, kM, kL2, kG, kA>>(l.at<scalar_t>(0, t), l.at<scalar_t>(1, t), l.at<scalar_t>(2, t),
                                           kM ? l.at<scalar_t>(3, t) : nullptr,
                                           kG ? l.at<scalar_t>(ascent_list, t) : nullptr,
                                           kA ? l.at<scalar_t>(accum_list, t) : nullptr, lo, hi, c, s);
       });
-    });
+    }, sl.state_lists == 1, weight_decay != 0.0, sl.gsam, sl.accum);
   });
   sl.prep.write_back();
 }
@@ -255,7 +319,6 @@ void adam_step_cpu(TensorRefs params, TensorRefs grads, TensorRefs exp_avgs, Ten
   h.eps = static_cast<float>(eps);
   h.weight_decay = weight_decay;
   h.decoupled = decoupled_weight_decay;
-  h.amsgrad = amsgrad;
   // torch: step_t += 1 for every parameter (empty ones too), then bias corrections from it
   std::vector<math::AdamScalars> per_tensor(steps.size());
   for (size_t i = 0; i < steps.size(); ++i) {
@@ -267,16 +330,17 @@ void adam_step_cpu(TensorRefs params, TensorRefs grads, TensorRefs exp_avgs, Ten
   const FlatLists& l = sl.prep.flat;
   const int ascent_list = 3 + sl.state_lists, accum_list = ascent_list + sl.gsam;
   FASTSAM_STEP_DISPATCH(sl.prep.dtype, "fastsam_adam_step_cpu", [&] {
-    with_flags(amsgrad, sl.gsam, sl.accum, [&](auto M, auto G, auto A) {
-      constexpr bool kM = decltype(M)::value, kG = decltype(G)::value, kA = decltype(A)::value;
+    with_flags([&](auto M, auto L2, auto G, auto A) {
+      constexpr bool kM = decltype(M)::value, kL2 = decltype(L2)::value;
+      constexpr bool kG = decltype(G)::value, kA = decltype(A)::value;
       for_segments(items, [&](int64_t t, int64_t lo, int64_t hi) {
-        adam_segment<scalar_t, kM, kG, kA>(l.at<scalar_t>(0, t), l.at<scalar_t>(1, t), l.at<scalar_t>(2, t),
+        run_loop<&adam_segment<scalar_t, kM, kL2, kG, kA>>(l.at<scalar_t>(0, t), l.at<scalar_t>(1, t), l.at<scalar_t>(2, t),
                                            l.at<scalar_t>(3, t), l.at<scalar_t>(4, t),
                                            kM ? l.at<scalar_t>(5, t) : nullptr,
                                            kG ? l.at<scalar_t>(ascent_list, t) : nullptr,
                                            kA ? l.at<scalar_t>(accum_list, t) : nullptr, lo, hi, c, per_tensor[t]);
       });
-    });
+    }, amsgrad, weight_decay != 0.0 && !decoupled_weight_decay, sl.gsam, sl.accum);
   });
   sl.prep.write_back();
 }

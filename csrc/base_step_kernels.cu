@@ -67,9 +67,8 @@ __device__ __forceinline__ math::ChainScalars chain_scalars(const ChainLaunch& a
   if (a.gsam_stats != nullptr) c.gsam = math::gsam_coefficients(a.gsam_stats[0], a.gsam_stats[1], a.gsam_eps);
   c.alpha = a.alpha;
   c.accum_scale = a.accum_scale;
-  c.has_grad_scale = a.grad_scale != nullptr;
-  if (c.has_grad_scale) c.grad_scale = *a.grad_scale;
-  c.maximize = a.maximize;
+  if (a.grad_scale != nullptr) c.grad_scale = *a.grad_scale;
+  c.sign = a.maximize ? -1.0f : 1.0f;
   return c;
 }
 
@@ -104,6 +103,7 @@ struct SgdStepOp {
     s.one_minus_dampening = args.one_minus_dampening;
     s.nesterov = args.nesterov;
     s.first = args.first;
+    const bool l2 = args.weight_decay != 0.0f;
     constexpr unsigned reads = bit(kSource) | bit(kGrad) | (Momentum ? bit(kBuf) : 0u) | (Gsam ? bit(kAscent) : 0u) |
                                (Accum ? bit(kAccum) : 0u);
     constexpr unsigned writes = bit(kParam) | (Momentum ? bit(kBuf) : 0u);
@@ -111,9 +111,12 @@ struct SgdStepOp {
       float g_asc = 0.0f, acc = 0.0f, buf = 0.0f;
       if constexpr (Gsam) g_asc = load(v[kAscent]);
       if constexpr (Accum) acc = load(v[kAccum]);
-      if constexpr (Momentum) buf = s.first ? 0.0f : load(v[kBuf]);
+      if constexpr (Momentum) buf = load(v[kBuf]);  // ignored on the first step
       const float d = math::chain_direction<Gsam, Accum>(load(v[kGrad]), g_asc, acc, c);
-      const float w = math::sgd_update<Momentum>(load(v[kSource]), d, buf, s);
+      const float src = load(v[kSource]);
+      // weight decay: a uniform branch (both forms compiled into one kernel)
+      const float w = l2 ? math::sgd_update<Momentum, true>(src, d, buf, s)
+                         : math::sgd_update<Momentum, false>(src, d, buf, s);
       if constexpr (Momentum) v[kBuf] = static_cast<T>(buf);
       v[kParam] = static_cast<T>(w);
     });
@@ -140,7 +143,7 @@ struct AdamStepOp {
     h.eps = args.eps;
     h.weight_decay = args.weight_decay;
     h.decoupled = args.decoupled;
-    h.amsgrad = Amsgrad;
+    const bool l2 = !args.decoupled && args.weight_decay != 0.0;
     const math::AdamScalars s = math::adam_scalars(h, *static_cast<const float*>(meta.addresses[kStep][slot]));
     constexpr unsigned state = bit(kM) | bit(kV) | (Amsgrad ? bit(kMax) : 0u);
     constexpr unsigned reads = bit(kSource) | bit(kGrad) | state | (Gsam ? bit(kAscent) : 0u) | (Accum ? bit(kAccum) : 0u);
@@ -151,7 +154,11 @@ struct AdamStepOp {
       const float d = math::chain_direction<Gsam, Accum>(load(v[kGrad]), g_asc, acc, c);
       const float w_src = load(v[kSource]);
       float m = load(v[kM]), sq = load(v[kV]);
-      math::adam_moments(w_src, d, m, sq, s);
+      if (l2) {
+        math::adam_moments<true>(w_src, d, m, sq, s);
+      } else {
+        math::adam_moments<false>(w_src, d, m, sq, s);
+      }
       float sq_hat = sq;
       if constexpr (Amsgrad) {
         sq_hat = math::nan_maximum(load(v[kMax]), sq);

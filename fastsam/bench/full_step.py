@@ -102,13 +102,12 @@ class FullStep:
 
 
 def measure_pair(timer: engine.Timer, calls: dict, rounds: int) -> dict:
-    """Timings of each call, from ``rounds`` alternating measurements pooled."""
+    """Timings of each call: ``rounds`` alternating measurements of its calibrated repetitions, pooled."""
     reps = {name: timer.calibrate(fn)[0] for name, fn in calls.items()}
     times = {name: [] for name in calls}
     for r in range(rounds):
-        order = list(calls) if r % 2 == 0 else list(reversed(list(calls)))
-        for name in order:
-            times[name] += timer.measure(calls[name], max(1, reps[name] // rounds) if rounds > 1 else reps[name]).times_ms
+        for name in (list(calls) if r % 2 == 0 else list(reversed(list(calls)))):
+            times[name] += timer.measure(calls[name], reps[name]).times_ms
     return {name: engine.Timing(tuple(t)) for name, t in times.items()}
 
 
