@@ -955,3 +955,61 @@ def test_adam_step_in_a_cuda_graph_follows_a_tensor_lr(name):
     assert [s.item() for s in steps] == [s.item() for s in exp_steps] == [4.0] * len(steps)
     assert_lists_close(params, expected, [flat(expected).abs() * 0 + 1e-2])
     assert_lists_close(m, exp_m, [flat(inputs.grads).abs()])
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=needs_ext), pytest.param("cuda", marks=gpu)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_steps_with_mixed_layouts(device, dtype):
+    """Layouts the compiled kernels must stage (tests/test_compiled.py: layout_cases):
+    transposed and channels_last params, an unaligned view, a strided view, a stride-0
+    (expanded) gradient; the sources and the state in other layouts again."""
+    from tests.test_compiled import layout_cases
+    backend = ops.get_backend("cpp" if device == "cpu" else "cuda", device)
+    params, grads, _ = layout_cases(device, dtype)
+    owners = [_view_copy(p) for p in params]
+    backups = [p.detach().clone().contiguous() * 0.5 for p in params]  # contiguous, other values
+
+    def sgd(impl, w, state):
+        impl.sgd_step_(w, grads, state, 0.1, momentum=0.9, nesterov=True, weight_decay=1e-2, backups=backups)
+
+    def adam(impl, w, state):
+        steps = [torch.tensor(2.0, device=device) for _ in w]
+        impl.adam_step_(w, grads, state, [t.clone() for t in state], [t.clone() for t in state], steps, 1e-2,
+                        amsgrad=True, backups=backups)
+
+    def state_like(p):  # 2-d state transposed against a contiguous parameter, and the reverse
+        t = torch.full(p.shape, 0.01, dtype=dtype, device=device)
+        return t.t().contiguous().t() if p.dim() == 2 else t
+
+    for name, run in (("sgd", sgd), ("adam", adam)):
+        results = []
+        for impl in (reference, backend):
+            w = [_view_copy(o) for o in owners]
+            state = [state_like(p) for p in params]
+            run(impl, w, state)
+            results.append((w, state))
+        (exp_w, exp_s), (got_w, got_s) = results
+        magnitude = flat(backups).abs() + 1.0  # |source| + an update of at most lr * O(1)
+        assert_lists_close(got_w, exp_w, [magnitude])
+        assert_lists_close(got_s, exp_s, [flat(grads).abs() + 0.01])
+        for w, o in zip(got_w, owners):  # nothing written outside the views
+            mask = torch.ones(o.untyped_storage().nbytes() // o.element_size(), dtype=torch.bool, device=device)
+            mask.as_strided(w.shape, w.stride(), w.storage_offset()).fill_(False)
+            whole = lambda t: t.as_strided((mask.numel(),), (1,), 0)  # noqa: E731
+            assert torch.equal(whole(w)[mask], whole(o)[mask]), f"{name}: a write escaped a view"
+
+
+@needs_ext
+def test_cpu_restore_gsam_reduce_does_not_depend_on_thread_count():
+    backend = ops.get_backend("cpp", "cpu")
+    inputs = cached_inputs("odd", torch.float32, "cpu")
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(backend.restore_gsam_reduce(inputs.params_before(True), inputs.sources, inputs.ascent,
+                                                       inputs.grads))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])

@@ -144,7 +144,8 @@ def run(device="cpu", workloads=DEFAULT_WORKLOADS, backend: str = "auto", dtype=
             for row in rows[-len(VARIANTS):]:
                 row["speedup_fused_vs_unfused"] = medians["unfused"] / medians["fused"]
             if progress is not None:
-                progress(f"{name:9s} {optimizer:24s} fused/unfused speed-up {medians['unfused'] / medians['fused']:.3f}x")
+                speedup = medians["unfused"] / medians["fused"]
+                progress(f"{name:9s} {optimizer:24s} fused/unfused speed-up {speedup:.3f}x")
             del ts_by_variant, steps
             if timer.device.type == "cuda":
                 torch.cuda.empty_cache()

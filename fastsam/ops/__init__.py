@@ -61,10 +61,15 @@ optimizer state stays torch.optim's own tensors (a checkpoint moves to and from
 torch.optim). With ``found_inf`` (0-d fp32, GradScaler's) nonzero the step is skipped on the
 device: the parameters become the sources bit-exactly and every state tensor, step counts
 included, is left unchanged. ``lr`` is a float or a 0-d tensor (read as fp32 on the device:
-schedulers and CUDA graphs may change it between steps). Scalars never go to the host on a
+schedulers and CUDA graphs may change it between steps; on a GPU pass a device tensor, a
+CPU one is copied over first). Scalars never go to the host on a
 GPU. ``grads``, ``backups``, ``ascent``, ``accum`` are not written.
 
-``sgd_step_(params, grads, momentum_buffers, lr, weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, maximize=False, first=False, backups=None, grad_scale=None, found_inf=None, ascent=None, gsam_stats=None, alpha=0.0, gsam_eps=1e-12, accum=None, accum_scale=1.0)``
+Both steps end with the *step options* ``backups=None, grad_scale=None, found_inf=None,
+ascent=None, gsam_stats=None, alpha=0.0, gsam_eps=1e-12, accum=None, accum_scale=1.0``.
+
+``sgd_step_(params, grads, momentum_buffers, lr, weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False,
+maximize=False, first=False, <step options>)``
     torch.optim.SGD: ``d <- d + weight_decay * s``; with momentum (``momentum_buffers``
     one per parameter, None when momentum is 0) ``buf <- d`` if ``first`` (torch's clone
     of d into a new buffer: pass preallocated ones) else ``momentum * buf + (1 - dampening)
@@ -74,7 +79,8 @@ GPU. ``grads``, ``backups``, ``ascent``, ``accum`` are not written.
     which is torch's clone exactly when dampening is 0 (torch's fused SGD keeps
     uninitialised memory there).
 
-``adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled_weight_decay=False, backups=None, grad_scale=None, found_inf=None, ascent=None, gsam_stats=None, alpha=0.0, gsam_eps=1e-12, accum=None, accum_scale=1.0)``
+``adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1=0.9, beta2=0.999,
+eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled_weight_decay=False, <step options>)``
     torch.optim.Adam (AdamW: ``decoupled_weight_decay=True``): ``steps`` are the parameters'
     ``state['step']`` (1-element float32 tensors on the parameters' device), incremented
     first; ``bc1 = 1 - beta1^step``, ``bc2 = 1 - beta2^step`` in double (fp32 with a

@@ -20,8 +20,9 @@ def check_sgd(params: Sequence[Tensor], lr, momentum: float, dampening: float, n
                          "(as torch.optim.SGD)")
     has_buffers = momentum_buffers is not None and len(momentum_buffers) > 0
     if has_buffers != (momentum != 0.0):
-        raise ValueError("fastsam.sgd_step_: " + ("momentum != 0 needs one momentum buffer per parameter"
-                                                  if momentum != 0.0 else "momentum buffers were given but momentum is 0"))
+        problem = ("momentum != 0 needs one momentum buffer per parameter" if momentum != 0.0
+                   else "momentum buffers were given but momentum is 0")
+        raise ValueError(f"fastsam.sgd_step_: {problem}")
     if has_buffers and len(momentum_buffers) != len(params):
         raise ValueError(f"fastsam.sgd_step_: momentum_buffers has {len(momentum_buffers)} tensors but params has "
                          f"{len(params)}")
