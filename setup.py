@@ -33,6 +33,9 @@ CSRC = "csrc"
 CPU_SOURCES = ["ops.cpp", "plan.cpp", "tensor_lists.cpp", "cpu_kernels.cpp", "eager.cpp", "list_signature.cpp",
                "grads_view.cpp"]
 CUDA_SOURCES = ["cuda_ops.cpp", "cuda_kernels.cu"]
+# the fused base steps and the one-pass unperturb chain (csrc/base_step.h)
+CPU_SOURCES += ["base_step_ops.cpp", "base_step_lists.cpp", "base_step_cpu.cpp", "base_step_eager.cpp"]
+CUDA_SOURCES += ["base_step_cuda.cpp", "base_step_kernels.cu"]
 
 
 def _archs_before_volta(arch_list):
@@ -196,7 +199,9 @@ def extension_modules():
     openmp, openmp_reason = _openmp_flags(torch)
     if openmp_reason:
         _note(f"CPU kernels will run on one thread: {openmp_reason}")
-    cxx_flags = ["-O3", "-g0"] + openmp
+    # -fno-math-errno: nothing reads errno, and with it sqrtf is a branch to the library for
+    # negative inputs, which kept GCC from vectorising the Adam step (csrc/base_step_cpu.cpp).
+    cxx_flags = ["-O3", "-g0", "-fno-math-errno"] + openmp
     # Link the libstdc++ that torch runs with, by path, ahead of the compiler's own. On the
     # lent H200 machines (2026-11-26) the compiler (/opt/gcc/bin/g++) linked its libstdc++
     # statically into fastsam._C; two libstdc++ copies in one process then shared one

@@ -22,7 +22,7 @@
 #include <vector>
 
 #include "eager.h"
-#include "grads_view.h"
+#include "py_tensors.h"
 
 namespace fastsam {
 
@@ -47,72 +47,13 @@ const OpTable* op_table(c10::DeviceType device) {
 
 namespace {
 
-// The tensors of a Python list or tuple (None: no tensors), or the gradients of the
-// parameters of a fastsam._C.GradsOf (grads_view.h), each held until the destructor,
-// which runs with the GIL held (it is declared before the GIL release).
-class PyTensors {
- public:
-  explicit PyTensors(PyObject* sequence) {
-    if (sequence == Py_None) return;
-    if (is_grads_view(sequence)) {
-      plain_ = grads_of(sequence, grads_);
-      if (!plain_) return;
-      pointers_.reserve(grads_.size());
-      for (const at::Tensor& g : grads_) pointers_.push_back(&g);
-      return;
-    }
-    PyObject* fast = PySequence_Fast(sequence, "fastsam: expected a list or tuple of tensors");
-    if (fast == nullptr) throw python_error();
-    const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
-    PyObject** items = PySequence_Fast_ITEMS(fast);
-    objects_.reserve(n);
-    pointers_.reserve(n);
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      if (!THPVariable_CheckExact(items[i])) {
-        plain_ = false;
-        break;
-      }
-      Py_INCREF(items[i]);
-      objects_.push_back(items[i]);
-      pointers_.push_back(&THPVariable_Unpack(items[i]));
-    }
-    Py_DECREF(fast);
-  }
-  PyTensors(const PyTensors&) = delete;
-  PyTensors& operator=(const PyTensors&) = delete;
-  ~PyTensors() {
-    for (PyObject* o : objects_) Py_DECREF(o);
-  }
-
-  bool plain() const { return plain_; }
-  bool empty() const { return pointers_.empty(); }
-  TensorRefs refs() const { return TensorRefs(c10::ArrayRef<const at::Tensor*>(pointers_)); }
-
-  // Before a write: refuse tensors autograd would have to track.
-  void check_writable(const char* op, const char* name) const {
-    if (!at::GradMode::is_enabled()) return;
-    for (const at::Tensor* t : pointers_) {
-      TORCH_CHECK(!t->requires_grad(), "fastsam.", op, ": ", name, " require grad and grad mode is on; "
-                  "the ops are not differentiable: call them under torch.no_grad()");
-    }
-  }
-  void bump_versions() const {
-    for (const at::Tensor* t : pointers_) t->unsafeGetTensorImpl()->bump_version();
-  }
-  const OpTable& table(const char* op) const {
-    const at::Tensor& first = *pointers_.front();
-    const OpTable* table = op_table(first.device().type());
-    TORCH_CHECK(table != nullptr, "fastsam.", op, ": this build of fastsam._C has no kernels for ",
-                first.device().type(), " tensors");
-    return *table;
-  }
-
- private:
-  std::vector<PyObject*> objects_;
-  std::vector<at::Tensor> grads_;  // a GradsOf's gradients (strong references)
-  std::vector<const at::Tensor*> pointers_;
-  bool plain_ = true;
-};
+// The op table for the device of a call's first tensor list.
+const OpTable& table_of(const PyTensors& tensors, const char* op) {
+  const OpTable* table = op_table(tensors.device_type());
+  TORCH_CHECK(table != nullptr, "fastsam.", op, ": this build of fastsam._C has no kernels for ",
+              tensors.device_type(), " tensors");
+  return *table;
+}
 
 // A tensor argument (plain or a Parameter), or nullptr when it is anything else.
 const at::Tensor* plain_tensor(PyObject* obj) {
@@ -127,7 +68,7 @@ PyObject* eager_sumsq(PyObject*, PyObject* args) {
   if (!PyArg_ParseTuple(args, "OOld", &tensors_obj, &params_obj, &b, &eta)) return nullptr;
   PyTensors tensors(tensors_obj), params(params_obj);
   if (!tensors.plain() || !params.plain() || tensors.empty()) Py_RETURN_NOTIMPLEMENTED;
-  const OpTable& table = tensors.table("sumsq");
+  const OpTable& table = table_of(tensors, "sumsq");
   at::Tensor out;
   {
     pybind11::gil_scoped_release no_gil;
@@ -158,7 +99,7 @@ PyObject* eager_perturb(PyObject*, PyObject* args) {
   params.check_writable("perturb_", "params");
   backups.check_writable("perturb_", "backups");
   ascent.check_writable("perturb_", "ascent");
-  const OpTable& table = params.table("perturb_");
+  const OpTable& table = table_of(params, "perturb_");
   const std::optional<at::Tensor> ascent_scale =
       ascent_sumsq ? std::optional<at::Tensor>(*ascent_sumsq) : std::nullopt;
   const std::optional<at::Tensor> seed_tensor = seed ? std::optional<at::Tensor>(*seed) : std::nullopt;
@@ -181,7 +122,7 @@ PyObject* eager_restore(PyObject*, PyObject* args) {
   PyTensors params(params_obj), backups(backups_obj);
   if (!params.plain() || !backups.plain() || params.empty()) Py_RETURN_NOTIMPLEMENTED;
   params.check_writable("restore_", "params");
-  const OpTable& table = params.table("restore_");
+  const OpTable& table = table_of(params, "restore_");
   {
     pybind11::gil_scoped_release no_gil;
     table.restore(params.refs(), backups.refs());
@@ -197,7 +138,7 @@ PyObject* eager_gsam_reduce(PyObject*, PyObject* args) {
   if (!PyArg_ParseTuple(args, "OO", &ascent_obj, &grads_obj)) return nullptr;
   PyTensors ascent(ascent_obj), grads(grads_obj);
   if (!ascent.plain() || !grads.plain() || grads.empty()) Py_RETURN_NOTIMPLEMENTED;
-  const OpTable& table = grads.table("gsam_reduce");
+  const OpTable& table = table_of(grads, "gsam_reduce");
   at::Tensor out;
   {
     pybind11::gil_scoped_release no_gil;
@@ -216,7 +157,7 @@ PyObject* eager_gsam_combine(PyObject*, PyObject* args) {
   const at::Tensor* stats = plain_tensor(stats_obj);
   if (!grads.plain() || !ascent.plain() || stats == nullptr || grads.empty()) Py_RETURN_NOTIMPLEMENTED;
   grads.check_writable("gsam_combine_", "grads");
-  const OpTable& table = grads.table("gsam_combine_");
+  const OpTable& table = table_of(grads, "gsam_combine_");
   {
     pybind11::gil_scoped_release no_gil;
     table.gsam_combine(grads.refs(), ascent.refs(), *stats, alpha, eps);
@@ -235,7 +176,7 @@ PyObject* eager_accumulate(PyObject*, PyObject* args) {
   PyTensors accum(accum_obj), grads(grads_obj);
   if (!accum.plain() || !grads.plain() || accum.empty()) Py_RETURN_NOTIMPLEMENTED;
   accum.check_writable("accumulate_", "accum");
-  const OpTable& table = accum.table("accumulate_");
+  const OpTable& table = table_of(accum, "accumulate_");
   {
     pybind11::gil_scoped_release no_gil;
     table.accumulate(accum.refs(), grads.refs(), scale, init != 0);

@@ -1,4 +1,4 @@
-// Up to four parallel lists of flat arrays (one address per list and tensor position)
+// Up to kMaxLists parallel lists of flat arrays (one address per list and tensor position)
 // with one length per position: what the CPU loops and the CUDA launcher walk. Plain
 // pointers only, so the CUDA kernels' translation unit needs no torch headers.
 #pragma once
@@ -8,7 +8,9 @@
 
 namespace fastsam {
 
-constexpr int kMaxLists = 4;
+// 9: adam_step_ with amsgrad, GSAM's ascent, an accumulator and the step counts (the
+// element-wise ops of the SAM sub-step use at most 4)
+constexpr int kMaxLists = 9;
 
 struct FlatLists {
   int depth = 0;

@@ -108,8 +108,7 @@ def test_cuda_without_cuda_is_a_clear_error(capsys):
 
 def test_unavailable_backend_is_a_clear_error(monkeypatch, capsys):
     reference = ops.get_backend("reference", "cpu")
-    broken = ops.Backend(**{**{f: getattr(reference, f) for f in ("sumsq", "perturb_", "restore_", "gsam_reduce",
-                                                                    "gsam_combine_", "accumulate_")},
+    broken = ops.Backend(**{**{f: getattr(reference, f) for f in ops.OP_NAMES},
                             "name": "fake", "unavailable_reason": lambda device: "it was never built"})
     monkeypatch.setitem(ops._REGISTRY, "fake", broken)
     assert cli.main(QUICK + ["--backends", "fake"]) == 2
@@ -140,7 +139,7 @@ def test_a_failing_backend_is_recorded_and_the_others_still_run(monkeypatch, tmp
         raise RuntimeError("kernel exploded")
 
     monkeypatch.setitem(ops._REGISTRY, "flaky", ops.Backend(**{
-        **{f: getattr(foreach, f) for f in ("sumsq", "restore_", "gsam_reduce", "gsam_combine_", "accumulate_")},
+        **{f: getattr(foreach, f) for f in ops.OP_NAMES if f != "perturb_"},
         "perturb_": broken_perturb, "name": "flaky", "unavailable_reason": lambda device: None}))
     out = tmp_path / "r.json"
     assert cli.main(QUICK + ["--backends", "foreach,flaky", "--json", str(out)]) == 1
@@ -163,7 +162,7 @@ def test_bytes_follow_the_design_floor():
     assert bytes_moved("gsam_substep", n, 4) - bytes_moved("sam_substep", n, 4) == 24 * n  # "GSAM adds ~28N"
     parts = ("sumsq", "perturb_", "restore_")
     assert sum(bytes_moved(p, n, 4) for p in parts) == bytes_moved("sam_substep", n, 4)
-    assert set(OP_ITEMS) == set(ops.OP_NAMES)
+    assert set(OP_ITEMS) == set(ops.SUBSTEP_OP_NAMES)  # the fused steps: fastsam/bench/full_step.py
 
 
 def test_workload_shapes_match_the_published_parameter_counts():
@@ -384,7 +383,7 @@ def test_optimizer_substep_is_a_real_sam_step_on_parameters(monkeypatch):
         seen.append(("perturbed", None, [p.clone() for p in params]))
 
     monkeypatch.setitem(ops._REGISTRY, "spy", ops.Backend(**{
-        **{f: getattr(reference, f) for f in ("sumsq", "restore_", "gsam_reduce", "gsam_combine_", "accumulate_")},
+        **{f: getattr(reference, f) for f in ops.OP_NAMES if f != "perturb_"},
         "perturb_": perturb_, "name": "spy", "unavailable_reason": lambda device: None}))
     ts = workloads.TensorSet(workloads.WORKLOADS["mini"], "cpu", torch.float32)
     params = ts.parameters()

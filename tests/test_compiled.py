@@ -299,8 +299,9 @@ def opcheck_cases(device: str, dtype: torch.dtype) -> list[tuple]:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_opcheck_every_op(device, dtype):
+    from tests.test_fused_steps import fused_step_opcheck_cases
     ran = set()
-    for op, args in opcheck_cases(device, dtype):
+    for op, args in opcheck_cases(device, dtype) + fused_step_opcheck_cases(device, dtype):
         torch.library.opcheck(op, args)
         ran.add(str(op).split(".")[-1])
     assert ran == set(ops.OP_NAMES)

@@ -1,6 +1,6 @@
 """The ops contract and the registry of backends that implement it.
 
-Every backend implements the same six functions on *lists* of tensors that share one
+Every backend implements the same functions (OP_NAMES) on *lists* of tensors that share one
 device and one dtype (the optimizer groups them). Data-dependent scalars stay 0-d fp32
 device tensors so that a GPU step never waits for the host. Math is fp32 for fp32, bf16
 and fp16 tensors (fp64 for float64 tensors, where a backend supports them); results are
@@ -33,6 +33,71 @@ accepts; "auto" picks per (device, dtype).
 
 ``a`` is 0, 1 or 2 and ``b`` is 0 or 1 (docs/ALGORITHMS.md §2); ``rho``, ``eta``, ``eps``,
 ``alpha`` and ``scale`` are Python floats.
+
+**Fused base steps and the one-pass unperturb chain.** With the ops above, a SAM step
+ends with restore_ (8N bytes) and then torch.optim's own step from the restored weights.
+The ops below take the step from the backups directly, and fuse GSAM's combination and the
+sub-batch accumulation into the sweeps that must happen anyway (bytes: docs/FUSED_STEPS.md).
+Sweeps after the perturbed backward, at the minimum the data dependencies allow:
+
+* SAM (any ASAM/OBF/RandSAM variant), last sub-batch: 1 sweep, the fused step.
+* SAM, earlier sub-batch: 1 sweep, ``restore_accumulate_``.
+* GSAM: 2 sweeps. The combination needs ``<g_asc, g_p>`` and ``||g_p||^2`` summed over every
+  element of every group (and process) before any element of the combined gradient exists,
+  so no single sweep can both read the last element of g_p and write the first result:
+  ``gsam_reduce`` (or ``restore_gsam_reduce`` when the weights must be restored for another
+  sub-batch), then the fused step with ``ascent``/``gsam_stats`` (last sub-batch), or
+  ``gsam_combine_accumulate_`` (earlier sub-batches), or ``gsam_combine_`` (no fused step).
+
+The *direction* a step consumes is computed per element, in fp32, from its read-only inputs:
+``d = g``; with ``ascent`` (GSAM) ``d = d - alpha * (g_asc - <g_asc, h> h)`` as gsam_combine_
+(``gsam_stats`` from gsam_reduce, ``gsam_eps`` its eps); with ``accum`` ``d = accum +
+accum_scale * d``; with ``grad_scale`` ``d = d / grad_scale`` (GradScaler, as torch's fused
+optimizers unscale); with ``maximize`` ``d = -d``. The step then updates from the *source*
+``s`` = ``backups`` (SAM: the restore is skipped) or the parameters themselves when
+``backups`` is None (a plain fused step), with torch.optim's single-tensor math (torch/optim/
+sgd.py, adam.py) in fp32 and each result rounded once into its tensor's dtype; the
+optimizer state stays torch.optim's own tensors (a checkpoint moves to and from
+torch.optim). With ``found_inf`` (0-d fp32, GradScaler's) nonzero the step is skipped on the
+device: the parameters become the sources bit-exactly and every state tensor, step counts
+included, is left unchanged. ``lr`` is a float or a 0-d tensor (read as fp32 on the device:
+schedulers and CUDA graphs may change it between steps; on a GPU pass a device tensor, a
+CPU one is copied over first). Scalars never go to the host on a
+GPU. ``grads``, ``backups``, ``ascent``, ``accum`` are not written.
+
+Both steps end with the *step options* ``backups=None, grad_scale=None, found_inf=None,
+ascent=None, gsam_stats=None, alpha=0.0, gsam_eps=1e-12, accum=None, accum_scale=1.0``.
+
+``sgd_step_(params, grads, momentum_buffers, lr, weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False,
+maximize=False, first=False, <step options>)``
+    torch.optim.SGD: ``d <- d + weight_decay * s``; with momentum (``momentum_buffers``
+    one per parameter, None when momentum is 0) ``buf <- d`` if ``first`` (torch's clone
+    of d into a new buffer: pass preallocated ones) else ``momentum * buf + (1 - dampening)
+    * d``, then ``d <- d + momentum * buf`` (nesterov) or ``buf``; ``w <- s - lr * d``.
+    A skipped (``found_inf``) first step leaves the buffers as the caller allocated them:
+    allocate zeros, and a later step with ``first=False`` starts from ``(1 - dampening) * d``,
+    which is torch's clone exactly when dampening is 0 (torch's fused SGD keeps
+    uninitialised memory there).
+
+``adam_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1=0.9, beta2=0.999,
+eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled_weight_decay=False, <step options>)``
+    torch.optim.Adam (AdamW: ``decoupled_weight_decay=True``): ``steps`` are the parameters'
+    ``state['step']`` (1-element float32 tensors on the parameters' device), incremented
+    first; ``bc1 = 1 - beta1^step``, ``bc2 = 1 - beta2^step`` in double (fp32 with a
+    tensor lr, as torch); weight decay ``s <- s * (1 - lr * wd)`` (decoupled) or
+    ``d <- d + wd * s``; ``m <- lerp(m, d, 1 - beta1)``, ``v <- beta2 * v + (1 - beta2) d^2``,
+    with amsgrad ``vmax <- max(vmax, v)`` (``max_exp_avg_sqs`` None otherwise);
+    ``w <- s - (lr / bc1) * m / (sqrt(v or vmax) / sqrt(bc2) + eps)``.
+
+``restore_gsam_reduce(params, backups, ascent, grads) -> Tensor``
+    ``w <- backup`` bit-exactly and gsam_reduce's ``[<g_asc, g_p>, ||g_p||^2]``, one sweep.
+
+``gsam_combine_accumulate_(accum, grads, ascent, stats, alpha, eps=1e-12, scale=1.0, init=False)``
+    ``accum <- [accum +] scale * (g_p - alpha * (g_asc - <g_asc, h> h))``, one sweep;
+    ``grads`` are not written (the combined gradient lives only in the accumulator).
+
+``restore_accumulate_(params, backups, accum, grads, scale, init=False)``
+    ``w <- backup`` bit-exactly and accumulate_'s update, one sweep.
 """
 
 from __future__ import annotations
@@ -43,7 +108,10 @@ from typing import Callable, Optional
 
 import torch
 
-OP_NAMES = ("sumsq", "perturb_", "restore_", "gsam_reduce", "gsam_combine_", "accumulate_")
+SUBSTEP_OP_NAMES = ("sumsq", "perturb_", "restore_", "gsam_reduce", "gsam_combine_", "accumulate_")
+FUSED_STEP_OP_NAMES = ("sgd_step_", "adam_step_", "restore_gsam_reduce", "gsam_combine_accumulate_",
+                       "restore_accumulate_")
+OP_NAMES = SUBSTEP_OP_NAMES + FUSED_STEP_OP_NAMES
 
 # Order in which backend="auto" tries backends, by device type: the first one that can run
 # there and takes the dtype. The rule is "fastest end to end in the recorded runs, never a
@@ -87,6 +155,11 @@ class Backend:
     gsam_reduce: Callable
     gsam_combine_: Callable
     accumulate_: Callable
+    sgd_step_: Callable
+    adam_step_: Callable
+    restore_gsam_reduce: Callable
+    gsam_combine_accumulate_: Callable
+    restore_accumulate_: Callable
     unavailable_reason: Callable[[torch.device], Optional[str]]
     dtypes: tuple = ALL_FLOAT_DTYPES
     # True when the ops also take a ``fastsam._C.GradsOf`` view (gradients read in C++
@@ -101,7 +174,7 @@ def always_available(device: torch.device) -> Optional[str]:
 
 def backend_from_functions(name: str, functions: dict, unavailable_reason=always_available,
                            dtypes: tuple = ALL_FLOAT_DTYPES, reads_grads_in_place: bool = False) -> Backend:
-    """A Backend whose ops are the functions named like them in ``functions`` (e.g. a module's globals())."""
+    """A Backend whose ops (OP_NAMES) are the functions named like them in ``functions`` (e.g. a module's globals())."""
     missing = [op for op in OP_NAMES if not callable(functions.get(op))]
     if missing:
         raise TypeError(f"backend {name!r} lacks the ops {missing}")

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastsam.ops import BackendUnavailableError, MissingGrad, backend_from_functions, check_exponents
+from fastsam.ops import BackendUnavailableError, MissingGrad, backend_from_functions, check_exponents, step_args
 
 BUILD_HINT = ("reinstall fastsam with `pip install --no-build-isolation -e .` after installing torch "
               "and ninja (a C++ compiler is needed; see README.md)")
@@ -272,6 +272,103 @@ def accumulate_(accum: Sequence[Tensor], grads: Sequence[Tensor], scale: float,
         if eager is not None and eager.accumulate_(accum, grads, float(scale), bool(init)) is not NotImplemented:
             return
         _ops().accumulate_(accum, _listed(grads), float(scale), bool(init))
+
+
+# ---- fused base steps and the unperturb chain (csrc/base_step*.{h,cpp,cu}) --------------------
+
+def _optional_list(tensors) -> list:
+    return _seq(tensors) if tensors is not None else []
+
+
+def _optional_scalar(t: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    return _device_scalar(t, like) if t is not None else None
+
+
+def _lr_args(lr, like: Tensor) -> tuple:
+    """(float lr, lr tensor or None) for the schemas' ``float lr, Tensor? lr_tensor``."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"a tensor lr must have one element; got shape {tuple(lr.shape)}")
+        return 0.0, _device_scalar(lr.reshape(()), like)
+    return float(lr), None
+
+
+def _call(name: str, args: tuple):
+    eager = _eager()
+    if eager is not None:
+        out = getattr(eager, name)(*args)
+        if out is not NotImplemented:
+            return out
+    return getattr(_ops(), name)(*args)
+
+
+def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Optional[Sequence[Tensor]],
+              lr, weight_decay: float = 0.0, momentum: float = 0.0, dampening: float = 0.0,
+              nesterov: bool = False, maximize: bool = False, first: bool = False,
+              backups: Optional[Sequence[Tensor]] = None, grad_scale: Optional[Tensor] = None,
+              found_inf: Optional[Tensor] = None, ascent: Optional[Sequence[Tensor]] = None,
+              gsam_stats: Optional[Tensor] = None, alpha: float = 0.0, gsam_eps: float = 1e-12,
+              accum: Optional[Sequence[Tensor]] = None, accum_scale: float = 1.0) -> None:
+    step_args.check_sgd(params, lr, momentum, dampening, nesterov, momentum_buffers)
+    step_args.check_chain(ascent, gsam_stats)
+    if not len(params):
+        return
+    params = _seq(params)
+    like = params[0]
+    lr_value, lr_tensor = _lr_args(lr, like)
+    _call("sgd_step_", (params, _seq(grads), _optional_list(momentum_buffers), _optional_list(backups), lr_value,
+                        lr_tensor, float(weight_decay), float(momentum), float(dampening), bool(nesterov),
+                        bool(maximize), bool(first), _optional_scalar(grad_scale, like),
+                        _optional_scalar(found_inf, like), _optional_list(ascent),
+                        _optional_scalar(gsam_stats, like), float(alpha), float(gsam_eps), _optional_list(accum),
+                        float(accum_scale)))
+
+
+def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+               exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Optional[Sequence[Tensor]], steps: Sequence[Tensor],
+               lr, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+               amsgrad: bool = False, maximize: bool = False, decoupled_weight_decay: bool = False,
+               backups: Optional[Sequence[Tensor]] = None, grad_scale: Optional[Tensor] = None,
+               found_inf: Optional[Tensor] = None, ascent: Optional[Sequence[Tensor]] = None,
+               gsam_stats: Optional[Tensor] = None, alpha: float = 0.0, gsam_eps: float = 1e-12,
+               accum: Optional[Sequence[Tensor]] = None, accum_scale: float = 1.0) -> None:
+    step_args.check_adam(params, lr, beta1, beta2, eps, amsgrad, max_exp_avg_sqs, steps)
+    step_args.check_chain(ascent, gsam_stats)
+    if not len(params):
+        return
+    params = _seq(params)
+    like = params[0]
+    lr_value, lr_tensor = _lr_args(lr, like)
+    _call("adam_step_", (params, _seq(grads), _seq(exp_avgs), _seq(exp_avg_sqs), _optional_list(max_exp_avg_sqs),
+                         _seq(steps), _optional_list(backups), lr_value, lr_tensor, float(beta1), float(beta2),
+                         float(eps), float(weight_decay), bool(amsgrad), bool(maximize),
+                         bool(decoupled_weight_decay), _optional_scalar(grad_scale, like),
+                         _optional_scalar(found_inf, like), _optional_list(ascent),
+                         _optional_scalar(gsam_stats, like), float(alpha), float(gsam_eps), _optional_list(accum),
+                         float(accum_scale)))
+
+
+def restore_gsam_reduce(params: Sequence[Tensor], backups: Sequence[Tensor], ascent: Sequence[Tensor],
+                        grads: Sequence[Tensor]) -> Tensor:
+    if not len(grads):
+        return torch.zeros(2, dtype=torch.float32)
+    return _call("restore_gsam_reduce", (_seq(params), _seq(backups), _seq(ascent), _seq(grads)))
+
+
+def gsam_combine_accumulate_(accum: Sequence[Tensor], grads: Sequence[Tensor], ascent: Sequence[Tensor],
+                             stats: Tensor, alpha: float, eps: float = 1e-12, scale: float = 1.0,
+                             init: bool = False) -> None:
+    if len(accum):
+        accum = _seq(accum)
+        _call("gsam_combine_accumulate_", (accum, _seq(grads), _seq(ascent), _device_scalar(stats, accum[0]),
+                                           float(alpha), float(eps), float(scale), bool(init)))
+
+
+def restore_accumulate_(params: Sequence[Tensor], backups: Sequence[Tensor], accum: Sequence[Tensor],
+                        grads: Sequence[Tensor], scale: float, init: bool = False) -> None:
+    if len(params):
+        _call("restore_accumulate_", (_seq(params), _seq(backups), _seq(accum), _seq(grads), float(scale),
+                                      bool(init)))
 
 
 # The kernels compute in fp32; the contract computes float64 tensors in fp64, which

@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastsam.ops import backend_from_functions, check_exponents
+from fastsam.ops import backend_from_functions, check_exponents, step_args
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -624,6 +624,187 @@ def accumulate_(accum: Sequence[Tensor], grads: Sequence[Tensor], scale: float,
         _kernels().accumulate_kernel[launch.grid](
             *launch.bases, *launch.plan_args(), float(scale), INIT=bool(init),
             **launch.sizes())
+    launch.finish()
+
+
+# -- fused base steps and the unperturb chain (kernels: fastsam/ops/triton_step_kernels.py) --
+
+_step_kernels_module = None
+
+
+def _step_kernels():
+    """fastsam.ops.triton_step_kernels, imported on first use (after the base kernels)."""
+    global _step_kernels_module
+    if _step_kernels_module is None:
+        _kernels()
+        from fastsam.ops import triton_step_kernels
+        _step_kernels_module = triton_step_kernels
+    return _step_kernels_module
+
+
+def _step_roles(params, grads, backups, state: list, state_names: list, state_modes: list, ascent, accum):
+    """Roles of a step: params (written), sources (backups, or the params), grads, state, [ascent], [accum]."""
+    has_backups = backups is not None
+    lists = [params, backups if has_backups else params, grads, *state]
+    names = ["params", "backups" if has_backups else "params", "grads", *state_names]
+    modes = ["w", "r", "r", *state_modes]
+    roles = {}
+    for name, ts in (("ascent", ascent), ("accum", accum)):
+        roles[name] = len(lists) if ts is not None else 0
+        if ts is not None:
+            lists.append(ts)
+            names.append(name)
+            modes.append("r")
+    return lists, names, modes, roles
+
+
+def _optional_device_scalar(value: Optional[Tensor], device, name: str) -> Optional[Tensor]:
+    return _device_scalar(value, device, name).float() if value is not None else None
+
+
+def _step_scalars(launch, lr, grad_scale, found_inf, gsam_stats) -> tuple:
+    device = launch.device
+    lr_t = _optional_device_scalar(lr, device, "lr") if isinstance(lr, Tensor) else None
+    return (lr_t, _optional_device_scalar(grad_scale, device, "grad_scale"),
+            _optional_device_scalar(found_inf, device, "found_inf"),
+            _optional_device_scalar(gsam_stats, device, "gsam_stats"))
+
+
+def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Optional[Sequence[Tensor]],
+              lr, weight_decay: float = 0.0, momentum: float = 0.0, dampening: float = 0.0,
+              nesterov: bool = False, maximize: bool = False, first: bool = False,
+              backups: Optional[Sequence[Tensor]] = None, grad_scale: Optional[Tensor] = None,
+              found_inf: Optional[Tensor] = None, ascent: Optional[Sequence[Tensor]] = None,
+              gsam_stats: Optional[Tensor] = None, alpha: float = 0.0, gsam_eps: float = 1e-12,
+              accum: Optional[Sequence[Tensor]] = None, accum_scale: float = 1.0) -> None:
+    step_args.check_sgd(params, lr, momentum, dampening, nesterov, momentum_buffers)
+    step_args.check_chain(ascent, gsam_stats)
+    has_momentum = momentum != 0.0
+    lists, names, modes, roles = _step_roles(
+        params, grads, backups, [momentum_buffers] if has_momentum else [], ["momentum_buffers"],
+        ["w" if first else "rw"], ascent, accum)
+    launch = _prepare(lists, names, modes)
+    if launch is None:
+        return
+    lr_t, scale_t, found_t, stats_t = _step_scalars(launch, lr, grad_scale, found_inf, gsam_stats)
+    b = launch.bases
+    unused = b[0]
+    with launch.guard():
+        _step_kernels().sgd_step_kernel[launch.grid](
+            b[0], b[1], b[2], b[3] if has_momentum else unused, b[roles["ascent"]], b[roles["accum"]],
+            *launch.plan_args(),
+            *(t if t is not None else unused for t in (lr_t, scale_t, found_t, stats_t)),
+            0.0 if lr_t is not None else float(lr), float(weight_decay), float(momentum), 1.0 - float(dampening),
+            float(alpha), float(gsam_eps), float(accum_scale),
+            BUF=3 if has_momentum else 0, ASCENT=roles["ascent"], ACCUM_ROLE=roles["accum"],
+            GSAM=ascent is not None, ACCUM=accum is not None, GRAD_SCALE=scale_t is not None,
+            MAXIMIZE=bool(maximize), WEIGHT_DECAY=weight_decay != 0.0, MOMENTUM=has_momentum,
+            FIRST=bool(first), NESTEROV=bool(nesterov), LR_TENSOR=lr_t is not None, FOUND_INF=found_t is not None,
+            HAS_BACKUPS=backups is not None, **launch.sizes())
+    launch.finish()
+
+
+def _increment_steps(steps: list, found_inf: Optional[Tensor]) -> None:
+    """torch.optim.Adam's ``step_t += 1`` for every parameter, not when GradScaler skips the step."""
+    if found_inf is None:
+        torch._foreach_add_(steps, 1.0)
+    else:
+        torch._foreach_add_(steps, (found_inf.to(steps[0].device) == 0).to(torch.float32))
+
+
+def adam_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+               exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Optional[Sequence[Tensor]], steps: Sequence[Tensor],
+               lr, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+               amsgrad: bool = False, maximize: bool = False, decoupled_weight_decay: bool = False,
+               backups: Optional[Sequence[Tensor]] = None, grad_scale: Optional[Tensor] = None,
+               found_inf: Optional[Tensor] = None, ascent: Optional[Sequence[Tensor]] = None,
+               gsam_stats: Optional[Tensor] = None, alpha: float = 0.0, gsam_eps: float = 1e-12,
+               accum: Optional[Sequence[Tensor]] = None, accum_scale: float = 1.0) -> None:
+    step_args.check_adam(params, lr, beta1, beta2, eps, amsgrad, max_exp_avg_sqs, steps)
+    step_args.check_chain(ascent, gsam_stats)
+    state, state_names = [exp_avgs, exp_avg_sqs], ["exp_avgs", "exp_avg_sqs"]
+    if amsgrad:
+        state.append(max_exp_avg_sqs)
+        state_names.append("max_exp_avg_sqs")
+    lists, names, modes, roles = _step_roles(params, grads, backups, state, state_names, ["rw"] * len(state),
+                                             ascent, accum)
+    launch = _prepare(lists, names, modes)
+    steps = list(steps)
+    if launch is None:  # nothing to update, but torch counts the step of empty parameters too
+        if steps:
+            _increment_steps(steps, found_inf)
+        return
+    lr_t, scale_t, found_t, stats_t = _step_scalars(launch, lr, grad_scale, found_inf, gsam_stats)
+    _increment_steps(steps, found_t)
+    # per-tensor scalars from the (incremented) counts, as torch computes them (adam_scalars in
+    # csrc/base_step_math.h): double from a float lr, fp32 tensor ops with a tensor lr
+    kept = steps if launch.entry.table.shape[0] == len(steps) else [s for s, p in zip(steps, params) if p.numel()]
+    counts = torch.stack([s.reshape(()) for s in kept]).double()
+    bc1 = 1.0 - beta1 ** counts
+    if lr_t is not None:
+        neg_step_size = -(lr_t / bc1.float())
+        decay_t = 1.0 - lr_t * weight_decay
+    else:
+        neg_step_size = (-(float(lr) / bc1)).float()
+        decay_t = None
+    per_tensor = torch.stack([neg_step_size, (1.0 - beta2 ** counts).sqrt().float()]).contiguous()
+    b = launch.bases
+    unused = b[0]
+    with launch.guard():
+        _step_kernels().adam_step_kernel[launch.grid](
+            b[0], b[1], b[2], b[3], b[4], b[5] if amsgrad else unused, b[roles["ascent"]], b[roles["accum"]],
+            *launch.plan_args(), per_tensor, len(kept),
+            *(t if t is not None else unused for t in (decay_t, scale_t, found_t, stats_t)),
+            1.0 - float(lr) * weight_decay if lr_t is None else 0.0, float(weight_decay), 1.0 - beta1, beta2,
+            1.0 - beta2, float(eps), float(alpha), float(gsam_eps), float(accum_scale),
+            VMAX=5 if amsgrad else 0, ASCENT=roles["ascent"], ACCUM_ROLE=roles["accum"],
+            GSAM=ascent is not None, ACCUM=accum is not None, GRAD_SCALE=scale_t is not None,
+            MAXIMIZE=bool(maximize), WEIGHT_DECAY=weight_decay != 0.0, DECOUPLED=bool(decoupled_weight_decay),
+            AMSGRAD=bool(amsgrad), SMALL_LERP_WEIGHT=abs(1.0 - beta1) < 0.5, DECAY_TENSOR=decay_t is not None,
+            FOUND_INF=found_t is not None, HAS_BACKUPS=backups is not None, **launch.sizes())
+    launch.finish()
+
+
+def restore_gsam_reduce(params: Sequence[Tensor], backups: Sequence[Tensor], ascent: Sequence[Tensor],
+                        grads: Sequence[Tensor]) -> Tensor:
+    launch = _prepare((params, backups, ascent, grads), ("params", "backups", "ascent", "grads"),
+                      ("w", "r", "r", "r"))
+    if launch is None:
+        device = grads[0].device if len(grads) else torch.device("cpu")
+        return torch.zeros(2, dtype=torch.float32, device=device)
+    n_programs = launch.grid[0]
+    with launch.guard():
+        partials = torch.empty(2 * n_programs, dtype=torch.float32, device=launch.device)
+        _step_kernels().restore_gsam_reduce_kernel[launch.grid](
+            *launch.bases, *launch.plan_args(), partials, n_programs, **launch.sizes())
+        out = _sum_partials(launch, partials, 2, (2,))
+    launch.finish()
+    return out
+
+
+def gsam_combine_accumulate_(accum: Sequence[Tensor], grads: Sequence[Tensor], ascent: Sequence[Tensor],
+                             stats: Tensor, alpha: float, eps: float = 1e-12, scale: float = 1.0,
+                             init: bool = False) -> None:
+    launch = _prepare((accum, grads, ascent), ("accum", "grads", "ascent"), ("w" if init else "rw", "r", "r"))
+    if launch is None:
+        return
+    stats = _device_scalar(stats, launch.device, "stats")
+    with launch.guard():
+        _step_kernels().gsam_combine_accumulate_kernel[launch.grid](
+            *launch.bases, *launch.plan_args(), stats, float(alpha), float(eps), float(scale), INIT=bool(init),
+            **launch.sizes())
+    launch.finish()
+
+
+def restore_accumulate_(params: Sequence[Tensor], backups: Sequence[Tensor], accum: Sequence[Tensor],
+                        grads: Sequence[Tensor], scale: float, init: bool = False) -> None:
+    launch = _prepare((params, backups, accum, grads), ("params", "backups", "accum", "grads"),
+                      ("w", "r", "w" if init else "rw", "r"))
+    if launch is None:
+        return
+    with launch.guard():
+        _step_kernels().restore_accumulate_kernel[launch.grid](
+            *launch.bases, *launch.plan_args(), float(scale), INIT=bool(init), **launch.sizes())
     launch.finish()
 
 
