@@ -136,10 +136,10 @@ def _perturb_stochastically(params, grads, backups, sumsq, rho, a, eta, eps, asc
         torch._foreach_mul_(step, grads32)
     torch._foreach_copy_(backups, params)
     torch._foreach_add_(work, step)
-    seed = seed.to(params[0].device)
-    for i, (p, x) in enumerate(zip(params, work)):
-        partners = [grads[i], backups[i]] + ([ascent[i]] if ascent is not None else [])
-        p.copy_(rounding.stochastically_rounded(x, p.dtype, seed, i, rounding.walk_index(p, partners)))
+    indices = [rounding.walk_index(p, [grads[i], backups[i]] + ([ascent[i]] if ascent is not None else []))
+               for i, p in enumerate(params)]
+    rounded = rounding.stochastically_rounded_lists(work, params[0].dtype, seed.to(params[0].device), indices)
+    torch._foreach_copy_(params, rounded)
 
 
 def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:

@@ -41,8 +41,9 @@ def fmix32(x):
     return x ^ (x >> 16)
 
 
-def rounding_key(seed: Tensor, t: int, element_high):
-    """The hash state shared by the elements of tensor ``t`` (int64 tensor ``seed``, 0-d)."""
+def rounding_key(seed: Tensor, t, element_high):
+    """The hash state shared by the elements of tensor ``t`` (an int, or int64 per element;
+    ``seed`` an int64 0-d tensor)."""
     seed = seed.to(torch.int64)
     low, high = seed & _MASK, (seed >> 32) & _MASK
     return fmix32(fmix32(fmix32(fmix32(t ^ 0x9E3779B9) ^ high) ^ low) ^ element_high)
@@ -74,3 +75,17 @@ def stochastically_rounded(x: Tensor, dtype: torch.dtype, seed: Tensor, t: int, 
     u = (bits >> 8).to(torch.float32) * 2.0 ** -24
     keep = (rf == x) | torch.isnan(x) | ~(u < p)
     return torch.where(keep, r, o)
+
+
+def stochastically_rounded_lists(xs: Sequence[Tensor], dtype: torch.dtype, seed: Tensor,
+                                 indices: Sequence[Tensor]) -> list[Tensor]:
+    """``stochastically_rounded`` of every fp32 tensor of ``xs`` (list positions 0, 1, ...)
+    in one vectorised pass over their concatenation, for backends that keep lists."""
+    sizes = [x.numel() for x in xs]
+    flat = torch.cat([x.reshape(-1) for x in xs])
+    index = torch.cat([i.reshape(-1) for i in indices])
+    position = torch.repeat_interleave(torch.arange(len(xs), device=flat.device),
+                                       torch.tensor(sizes, device=flat.device))
+    rounded = stochastically_rounded(flat, dtype, seed, position, index)
+    return [r.view(x.shape) for r, x in zip(torch.split(rounded, sizes), xs)]
+
