@@ -6,7 +6,7 @@ imports a trainer library::
     from fastsam.integrations.lightning import SAMMixin        # pip install fastsam[lightning]
     from fastsam.integrations.transformers import SAMTrainer   # pip install fastsam[transformers]
     from fastsam.integrations.accelerate import sam_sub_steps  # pip install fastsam[transformers]
-    from fastsam.integrations.timm import timm_sam             # pip install timm
+    from fastsam.integrations.timm import create_sam           # pip install timm
 
 All of them run a SAM step through ``SAM.sub_step`` and a pass runner
 (fastsam/passes.py), as ``fastsam.train_step`` does: a SAM variant that overrides
