@@ -12,7 +12,8 @@ each floating dtype among the parameters, each available backend (or those named
 
 * one SAM step (perturb, restore, GSAM combination, base step), compared element by
   element with the ``reference`` backend with the test suite's bounds
-  (``fastsam.tolerances.scaled_error``);
+  (``fastsam.tolerances.scaled_error``); the restore must give back the weights bit for
+  bit (an inexact restore reports an infinite step error);
 * a short trajectory (``--steps``, default 5, with a cosine LR schedule that also drives
   GSAM's rho) compared after every step: in fp32 with the suite's trajectory tolerances,
   in bf16/fp16 by how far it drifts from an fp32 run against how far ``reference`` drifts
@@ -171,6 +172,7 @@ def _step(sam, params, problem: _Problem, variant: Variant, record: Optional[dic
     problem.set_grads(params)
     sam.unperturb()
     if record is not None:
+        record["restored"] = [p.detach().clone() for p in params]
         record["grads"] = [p.grad.detach().clone() for p in params]
     sam.base_step()
 
@@ -187,8 +189,12 @@ def _trajectory(variant, values, problem, backend, steps, seed, dtype=None) -> l
 
 
 def _worst_step_error(got: dict, want: dict, before: list[torch.Tensor], dtype) -> float:
+    """Worst error / bound of the step's perturbed weights, gradients and new weights; inf
+    if the restore was not bit-exact (the ops contract: restore_ copies the backup)."""
     from fastsam.tolerances import scaled_error
 
+    if not all(torch.equal(a, w) for a, w in zip(got["restored"], before)):
+        return math.inf
     worst = 0.0
     for name in ("perturbed", "grads", "after"):
         for a, e, w in zip(got[name], want[name], before):
