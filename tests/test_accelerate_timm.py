@@ -77,11 +77,11 @@ def test_timm_model_with_timm_optimizer_settings():
         return timm.create_model("test_vit", pretrained=False, num_classes=5, img_size=32)
 
     gen = torch.Generator().manual_seed(2)
-    data = [(torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 5, (4,), generator=gen)) for _ in range(5)]
+    data = [(torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 5, (4,), generator=gen)) for _ in range(3)]
     wd = 0.05
 
     def train(model, sam):
-        scheduler = CosineLRScheduler(sam, t_initial=5, warmup_t=1, warmup_lr_init=1e-4)
+        scheduler = CosineLRScheduler(sam, t_initial=3, warmup_t=1, warmup_lr_init=1e-4)
         for step, (x, y) in enumerate(data):
             fastsam.train_step(model, sam, x, y, F.cross_entropy, micro_batch=2)
             scheduler.step_update(step + 1)
