@@ -77,3 +77,22 @@ def expected_backends(device: str) -> list[str]:
     """Backends the environment says must be available (CI and the GPU check set these)."""
     var = "FASTSAM_EXPECT_BACKENDS" if device == "cpu" else "FASTSAM_EXPECT_BACKENDS_CUDA"
     return [name for name in os.environ.get(var, "").split(",") if name]
+
+
+# Test modules that import a trainer library (seconds each) at collection: skipped unless
+# the run selects integration tests (-m integration), so the default run does not pay it.
+INTEGRATION_MODULES = ("test_lightning.py", "test_transformers.py")
+
+
+def pytest_ignore_collect(collection_path, config):
+    if collection_path.name not in INTEGRATION_MODULES:
+        return None
+    markexpr = config.getoption("markexpr") or ""
+    if not markexpr:
+        return None
+    try:
+        from _pytest.mark.expression import Expression
+        selected = Expression.compile(markexpr).evaluate(lambda name: name == "integration")
+    except Exception:  # a pytest without this (internal) API: collect as usual
+        return None
+    return True if not selected else None
