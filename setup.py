@@ -8,6 +8,7 @@ compiled against the torch that will run them (README.md, docs/BUILDING.md).
 import functools
 import glob
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -214,17 +215,28 @@ def extension_modules():
     return [extension], {"build_ext": BuildExtension}
 
 
+def read_version():
+    """__version__ from fastsam/_version.py, read as text: importing fastsam would import torch."""
+    with open(os.path.join("fastsam", "_version.py"), encoding="utf-8") as f:
+        match = re.search(r'^__version__ = "([^"]+)"$', f.read(), flags=re.MULTILINE)
+    if match is None:
+        raise RuntimeError("fastsam/_version.py must define __version__ = \"X.Y.Z\"")
+    return match.group(1)
+
+
 ext_modules, cmdclass = extension_modules()
 
 setup(
     name="fastsam",
-    version="0.1.0",
+    version=read_version(),
     description="Fast, complete sharpness-aware minimization (SAM, ASAM, GSAM, OBF, RandSAM) for PyTorch",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="MIT",
+    license_files=["LICENSE"],
     python_requires=">=3.9",
     packages=find_packages(include=["fastsam", "fastsam.*"]),
-    install_requires=["torch>=2.4"],
+    install_requires=["torch>=2.7"],  # the oldest torch the test suite passed on: docs/TORCH-FLOOR.md
     extras_require={
         # everything the test suite runs (the experiments' smoke tests and the plots too)
         "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "matplotlib", "mnist1d", "scikit-learn"],

@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import os
 
+# test_throughput.py reuses the tolerance helpers of tests/conftest.py, which would turn on
+# Triton's interpreter where there is no GPU: benchmarks never do that unless asked.
+os.environ.setdefault("TRITON_INTERPRET", "0")
+
 import pytest
 import torch
 

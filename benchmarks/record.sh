@@ -59,7 +59,7 @@ if [ -n "$FROM" ]; then
   COMMANDS="benchmarks/gpu_check.sh OUTDIR; benchmarks/record.sh --from OUTDIR"
 else
   # shellcheck disable=SC2086
-  "$PY" -m fastsam.bench --device "$DEVICE" ${FASTSAM_BENCH_ARGS:-} --json "$DIR/bench.json" --csv "$DIR/bench.csv" \
+  "$PY" -m fastsam.bench --device "$DEVICE" --peers ${FASTSAM_BENCH_ARGS:-} --json "$DIR/bench.json" --csv "$DIR/bench.csv" \
     --plot "$DIR/bench.png" > "$DIR/bench.txt"
   # shellcheck disable=SC2086
   "$PY" -m fastsam.bench --e2e --device "$DEVICE" ${FASTSAM_BENCH_ARGS:-} --json "$DIR/e2e.json" --plot "$DIR/e2e.png" \

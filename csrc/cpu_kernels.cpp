@@ -20,6 +20,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cmath>
@@ -230,20 +231,34 @@ inline void gsam_reduce_segment(const scalar_t* __restrict__ g_asc, const scalar
   }
 }
 
-// AscentMode: 0 none, 1 raw copy of g, 2 g / (||g|| + eps).
-template <typename scalar_t, int A, int AscentMode>
+// AscentMode: 0 none, 1 raw copy of g, 2 g / (||g|| + eps). Stochastic: round the new
+// bf16/fp16 weights stochastically with the bits of (seed, tensor t, element i) (math.h).
+template <typename scalar_t, int A, int AscentMode, bool Stochastic>
 inline void perturb_segment(scalar_t* __restrict__ w, const scalar_t* __restrict__ g,
                             scalar_t* __restrict__ backup, scalar_t* __restrict__ ascent, int64_t lo,
-                            int64_t hi, float scale, float eta, float ascent_inv) {
-  for (int64_t i = lo; i < hi; ++i) {
-    const scalar_t w_old = w[i];
-    const scalar_t g_i = g[i];
-    backup[i] = w_old;  // bit-exact: the stored value, not a round trip through fp32
-    if constexpr (AscentMode == 1) ascent[i] = g_i;
-    if constexpr (AscentMode == 2) {
-      ascent[i] = static_cast<scalar_t>(math::normalized_ascent(load(g_i), ascent_inv));
+                            int64_t hi, float scale, float eta, float ascent_inv, uint64_t seed, int64_t t) {
+  for (int64_t begin = lo; begin < hi;) {
+    // the hash key changes only every 2^32 elements of a tensor
+    const int64_t end = std::min(hi, ((begin >> 32) + 1) << 32);
+    const uint32_t key = Stochastic ? math::rounding_key(seed, static_cast<uint32_t>(t),
+                                                         static_cast<uint32_t>(begin >> 32))
+                                    : 0u;
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t w_old = w[i];
+      const scalar_t g_i = g[i];
+      backup[i] = w_old;  // bit-exact: the stored value, not a round trip through fp32
+      if constexpr (AscentMode == 1) ascent[i] = g_i;
+      if constexpr (AscentMode == 2) {
+        ascent[i] = static_cast<scalar_t>(math::normalized_ascent(load(g_i), ascent_inv));
+      }
+      const float x = math::perturbed<A>(load(w_old), load(g_i), scale, eta);
+      if constexpr (Stochastic) {
+        w[i] = math::stochastically_rounded<scalar_t>(x, math::rounding_bits(key, static_cast<uint32_t>(i)));
+      } else {
+        w[i] = static_cast<scalar_t>(x);
+      }
     }
-    w[i] = static_cast<scalar_t>(math::perturbed<A>(load(w_old), load(g_i), scale, eta));
+    begin = end;
   }
 }
 
@@ -266,6 +281,10 @@ inline void accumulate_segment(scalar_t* __restrict__ acc, const scalar_t* __res
 
 float read_scalar(const at::Tensor& t, int64_t i = 0) {
   return t.data_ptr<float>()[i];
+}
+
+uint64_t read_seed(const char* op, const at::Tensor& seed, at::Device device) {
+  return static_cast<uint64_t>(seed_on(op, seed, device).data_ptr<int64_t>()[0]);
 }
 
 // ---- ops -----------------------------------------------------------------------------
@@ -298,7 +317,8 @@ at::Tensor sumsq_cpu(TensorRefs tensors, TensorRefs params, int64_t b, double et
 
 void perturb_cpu(TensorRefs params, TensorRefs grads, TensorRefs backups,
                  const at::Tensor& sumsq, double rho, int64_t a, double eta, double eps,
-                 TensorRefs ascent, const std::optional<at::Tensor>& ascent_sumsq) {
+                 TensorRefs ascent, const std::optional<at::Tensor>& ascent_sumsq,
+                 const std::optional<at::Tensor>& seed) {
   check_exponent("perturb_", "a", a, 2);
   if (params.empty()) return;
   const bool with_ascent = !ascent.empty();
@@ -311,16 +331,21 @@ void perturb_cpu(TensorRefs params, TensorRefs grads, TensorRefs backups,
                            static_cast<float>(eps))
       : 0.0f;
   const float eta_f = static_cast<float>(eta);
+  const bool stochastic = seed.has_value() && prep.dtype != at::kFloat;  // fp32 results need no rounding
+  const uint64_t seed_value = stochastic ? read_seed("perturb_", *seed, prep.device) : 0;
   const CpuItems items(prep.flat.numels, kItemSize);
   FASTSAM_DISPATCH(prep.dtype, "fastsam_perturb_cpu", [&] {
     const FlatLists& l = prep.flat;
     with_constant<2>(a, [&](auto A) {
       with_constant<2>(mode, [&](auto Mode) {
         constexpr int kMode = decltype(Mode)::value;
-        for_segments(items, [&](int64_t t, int64_t lo, int64_t hi) {
-          perturb_segment<scalar_t, decltype(A)::value, kMode>(
-              l.at<scalar_t>(0, t), l.at<scalar_t>(1, t), l.at<scalar_t>(2, t),
-              kMode ? l.at<scalar_t>(3, t) : nullptr, lo, hi, scale, eta_f, ascent_inv);
+        with_constant<1>(stochastic, [&](auto Stochastic) {
+          constexpr bool kStochastic = decltype(Stochastic)::value && !std::is_same_v<scalar_t, float>;
+          for_segments(items, [&](int64_t t, int64_t lo, int64_t hi) {
+            perturb_segment<scalar_t, decltype(A)::value, kMode, kStochastic>(
+                l.at<scalar_t>(0, t), l.at<scalar_t>(1, t), l.at<scalar_t>(2, t),
+                kMode ? l.at<scalar_t>(3, t) : nullptr, lo, hi, scale, eta_f, ascent_inv, seed_value, t);
+          });
         });
       });
     });

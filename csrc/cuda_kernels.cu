@@ -47,11 +47,13 @@ struct SumsqOp {  // lists: grads[, params]
   }
 };
 
-// AscentMode: 0 none, 1 raw copy of g, 2 g / (||g|| + eps).
-template <typename T, int AscentMode>
+// AscentMode: 0 none, 1 raw copy of g, 2 g / (||g|| + eps). Stochastic: the new bf16/fp16
+// weights are rounded stochastically with the bits of (*seed, tensor, element) (math.h).
+template <typename T, int AscentMode, bool Stochastic>
 struct PerturbOp {  // lists: params, grads, backups[, ascent]
   const float* sumsq;
   const float* ascent_sumsq;
+  const int64_t* seed;
   float rho, eta, eps;
   int a;  // ASAM exponent, a run-time branch (see math.h)
   template <typename Meta>
@@ -59,15 +61,29 @@ struct PerturbOp {  // lists: params, grads, backups[, ascent]
                              int64_t) const {
     const float scale = math::perturb_scale(*sumsq, rho, eps);
     const float ascent_inv = AscentMode == 2 ? math::inverse_norm(*ascent_sumsq, eps) : 0.0f;
+    // the key changes only every 2^32 elements of a tensor: once per chunk, but for a chunk
+    // that straddles such a boundary (possible with FASTSAM_CUDA_CHUNK_SIZE not a power of 2)
+    const uint32_t tensor = static_cast<uint32_t>(meta.slot_tensor[slot]);
+    const uint64_t seed_value = Stochastic ? static_cast<uint64_t>(*seed) : 0u;
+    const uint32_t key = Stochastic ? math::rounding_key(seed_value, tensor, static_cast<uint32_t>(begin >> 32)) : 0u;
     constexpr unsigned writes = bit(kParam) | bit(kBackup) | (AscentMode ? bit(kAscent) : 0u);
-    for_each_element<T, bit(kParam) | bit(kGrad), writes>(meta, slot, begin, n, [&](T(&v)[Meta::kDepth]) {
-      const float w = load(v[kParam]);
-      const float g = load(v[kGrad]);
-      v[kBackup] = v[kParam];  // bit-exact
-      if constexpr (AscentMode == 1) v[Meta::kDepth - 1] = v[kGrad];
-      if constexpr (AscentMode == 2) v[Meta::kDepth - 1] = static_cast<T>(math::normalized_ascent(g, ascent_inv));
-      v[kParam] = static_cast<T>(math::perturbed(w, g, scale, eta, a));
-    });
+    for_each_element<T, bit(kParam) | bit(kGrad), writes>(
+        meta, slot, begin, n, [&](T(&v)[Meta::kDepth], int64_t index) {
+          const float w = load(v[kParam]);
+          const float g = load(v[kGrad]);
+          v[kBackup] = v[kParam];  // bit-exact
+          if constexpr (AscentMode == 1) v[Meta::kDepth - 1] = v[kGrad];
+          if constexpr (AscentMode == 2) v[Meta::kDepth - 1] = static_cast<T>(math::normalized_ascent(g, ascent_inv));
+          const float x = math::perturbed(w, g, scale, eta, a);
+          if constexpr (Stochastic) {
+            const uint32_t k = (index >> 32) == (begin >> 32)
+                                   ? key
+                                   : math::rounding_key(seed_value, tensor, static_cast<uint32_t>(index >> 32));
+            v[kParam] = math::stochastically_rounded<T>(x, math::rounding_bits(k, static_cast<uint32_t>(index)));
+          } else {
+            v[kParam] = static_cast<T>(x);
+          }
+        });
   }
 };
 
@@ -157,16 +173,27 @@ void launch_sumsq(Dtype dtype, int b, const FlatLists& lists, float* partials, f
 }
 
 void launch_perturb(Dtype dtype, int a, int ascent_mode, const FlatLists& lists, const float* sumsq,
-                    const float* ascent_sumsq, float rho, float eta, float eps, Stream stream) {
+                    const float* ascent_sumsq, const int64_t* seed, float rho, float eta, float eps, Stream stream) {
   TORCH_CHECK(a >= 0 && a <= 2 && ascent_mode >= 0 && ascent_mode <= 2, "launch_perturb: bad a or mode");
   with_dtype(dtype, [&](auto zero) {
     using T = decltype(zero);
-    if (ascent_mode == 0) {
-      multi_tensor_apply<3>(lists, PerturbOp<T, 0>{sumsq, ascent_sumsq, rho, eta, eps, a}, stream);
-    } else if (ascent_mode == 1) {
-      multi_tensor_apply<4>(lists, PerturbOp<T, 1>{sumsq, ascent_sumsq, rho, eta, eps, a}, stream);
+    auto launch = [&](auto stochastic) {
+      constexpr bool kStochastic = decltype(stochastic)::value && !std::is_same_v<T, float>;
+      if (ascent_mode == 0) {
+        multi_tensor_apply<3>(lists, PerturbOp<T, 0, kStochastic>{sumsq, ascent_sumsq, seed, rho, eta, eps, a},
+                              stream);
+      } else if (ascent_mode == 1) {
+        multi_tensor_apply<4>(lists, PerturbOp<T, 1, kStochastic>{sumsq, ascent_sumsq, seed, rho, eta, eps, a},
+                              stream);
+      } else {
+        multi_tensor_apply<4>(lists, PerturbOp<T, 2, kStochastic>{sumsq, ascent_sumsq, seed, rho, eta, eps, a},
+                              stream);
+      }
+    };
+    if (seed != nullptr) {
+      launch(std::true_type{});
     } else {
-      multi_tensor_apply<4>(lists, PerturbOp<T, 2>{sumsq, ascent_sumsq, rho, eta, eps, a}, stream);
+      launch(std::false_type{});
     }
   });
 }

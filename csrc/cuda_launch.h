@@ -26,9 +26,10 @@ bool large_params_built();
 int64_t planned_blocks(const std::vector<int64_t>& numels);
 
 void launch_sumsq(Dtype dtype, int b, const FlatLists& lists, float* partials, float eta, Stream stream);
-// ascent_mode: 0 none, 1 raw copy of g, 2 g / (sqrt(*ascent_sumsq) + eps)
+// ascent_mode: 0 none, 1 raw copy of g, 2 g / (sqrt(*ascent_sumsq) + eps); seed: nullptr to
+// round to nearest, else stochastic rounding of bf16/fp16 results (math.h)
 void launch_perturb(Dtype dtype, int a, int ascent_mode, const FlatLists& lists, const float* sumsq,
-                    const float* ascent_sumsq, float rho, float eta, float eps, Stream stream);
+                    const float* ascent_sumsq, const int64_t* seed, float rho, float eta, float eps, Stream stream);
 void launch_restore(int element_size, const FlatLists& lists, Stream stream);
 void launch_gsam_reduce(Dtype dtype, const FlatLists& lists, float* partials, Stream stream);
 void launch_gsam_combine(Dtype dtype, const FlatLists& lists, const float* stats, float alpha, float eps,

@@ -54,7 +54,7 @@ at::Tensor sumsq_cuda(TensorRefs tensors, TensorRefs params, int64_t b, double e
 
 void perturb_cuda(TensorRefs params, TensorRefs grads, TensorRefs backups, const at::Tensor& sumsq,
                   double rho, int64_t a, double eta, double eps, TensorRefs ascent,
-                  const std::optional<at::Tensor>& ascent_sumsq) {
+                  const std::optional<at::Tensor>& ascent_sumsq, const std::optional<at::Tensor>& seed) {
   check_exponent("perturb_", "a", a, 2);
   if (params.empty()) return;
   const bool with_ascent = !ascent.empty();
@@ -63,9 +63,10 @@ void perturb_cuda(TensorRefs params, TensorRefs grads, TensorRefs backups, const
   const at::Tensor s = scalar_on("perturb_", "sumsq", sumsq, prep.device, 1);
   const int mode = !with_ascent ? 0 : ascent_sumsq.has_value() ? 2 : 1;
   const at::Tensor as = mode == 2 ? scalar_on("perturb_", "ascent_sumsq", *ascent_sumsq, prep.device, 1) : s;
+  const at::Tensor sd = seed.has_value() ? seed_on("perturb_", *seed, prep.device) : at::Tensor();
   launch_perturb(dtype_of(prep.dtype), static_cast<int>(a), mode, prep.flat, s.data_ptr<float>(),
-                 as.data_ptr<float>(), static_cast<float>(rho), static_cast<float>(eta), static_cast<float>(eps),
-                 current_stream(prep));
+                 as.data_ptr<float>(), sd.defined() ? sd.data_ptr<int64_t>() : nullptr, static_cast<float>(rho),
+                 static_cast<float>(eta), static_cast<float>(eps), current_stream(prep));
   prep.write_back();
 }
 

@@ -139,18 +139,20 @@ PyObject* eager_sumsq(PyObject*, PyObject* args) {
 
 PyObject* eager_perturb(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
-  PyObject *params_obj, *grads_obj, *backups_obj, *sumsq_obj, *ascent_obj, *ascent_sumsq_obj;
+  PyObject *params_obj, *grads_obj, *backups_obj, *sumsq_obj, *ascent_obj, *ascent_sumsq_obj, *seed_obj;
   double rho, eta, eps;
   long a;
-  if (!PyArg_ParseTuple(args, "OOOOdlddOO", &params_obj, &grads_obj, &backups_obj, &sumsq_obj, &rho, &a, &eta,
-                        &eps, &ascent_obj, &ascent_sumsq_obj)) {
+  if (!PyArg_ParseTuple(args, "OOOOdlddOOO", &params_obj, &grads_obj, &backups_obj, &sumsq_obj, &rho, &a, &eta,
+                        &eps, &ascent_obj, &ascent_sumsq_obj, &seed_obj)) {
     return nullptr;
   }
   PyTensors params(params_obj), grads(grads_obj), backups(backups_obj), ascent(ascent_obj);
   const at::Tensor* sumsq = plain_tensor(sumsq_obj);
   const at::Tensor* ascent_sumsq = ascent_sumsq_obj == Py_None ? nullptr : plain_tensor(ascent_sumsq_obj);
+  const at::Tensor* seed = seed_obj == Py_None ? nullptr : plain_tensor(seed_obj);
   if (!params.plain() || !grads.plain() || !backups.plain() || !ascent.plain() || sumsq == nullptr ||
-      (ascent_sumsq_obj != Py_None && ascent_sumsq == nullptr) || params.empty()) {
+      (ascent_sumsq_obj != Py_None && ascent_sumsq == nullptr) || (seed_obj != Py_None && seed == nullptr) ||
+      params.empty()) {
     Py_RETURN_NOTIMPLEMENTED;
   }
   params.check_writable("perturb_", "params");
@@ -159,10 +161,11 @@ PyObject* eager_perturb(PyObject*, PyObject* args) {
   const OpTable& table = params.table("perturb_");
   const std::optional<at::Tensor> ascent_scale =
       ascent_sumsq ? std::optional<at::Tensor>(*ascent_sumsq) : std::nullopt;
+  const std::optional<at::Tensor> seed_tensor = seed ? std::optional<at::Tensor>(*seed) : std::nullopt;
   {
     pybind11::gil_scoped_release no_gil;
     table.perturb(params.refs(), grads.refs(), backups.refs(), *sumsq, rho, a, eta, eps, ascent.refs(),
-                  ascent_scale);
+                  ascent_scale, seed_tensor);
   }
   params.bump_versions();
   backups.bump_versions();
@@ -245,7 +248,7 @@ PyObject* eager_accumulate(PyObject*, PyObject* args) {
 PyMethodDef methods[] = {
     {"sumsq", eager_sumsq, METH_VARARGS, "sumsq(tensors, params, b, eta) -> Tensor | NotImplemented"},
     {"perturb_", eager_perturb, METH_VARARGS,
-     "perturb_(params, grads, backups, sumsq, rho, a, eta, eps, ascent, ascent_sumsq) -> None | NotImplemented"},
+     "perturb_(params, grads, backups, sumsq, rho, a, eta, eps, ascent, ascent_sumsq, seed) -> None | NotImplemented"},
     {"restore_", eager_restore, METH_VARARGS, "restore_(params, backups) -> None | NotImplemented"},
     {"gsam_reduce", eager_gsam_reduce, METH_VARARGS, "gsam_reduce(ascent, grads) -> Tensor | NotImplemented"},
     {"gsam_combine_", eager_gsam_combine, METH_VARARGS,

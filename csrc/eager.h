@@ -16,7 +16,7 @@ struct OpTable {
   at::Tensor (*sumsq)(TensorRefs tensors, TensorRefs params, int64_t b, double eta);
   void (*perturb)(TensorRefs params, TensorRefs grads, TensorRefs backups, const at::Tensor& sumsq, double rho,
                   int64_t a, double eta, double eps, TensorRefs ascent,
-                  const std::optional<at::Tensor>& ascent_sumsq);
+                  const std::optional<at::Tensor>& ascent_sumsq, const std::optional<at::Tensor>& seed);
   void (*restore)(TensorRefs params, TensorRefs backups);
   at::Tensor (*gsam_reduce)(TensorRefs ascent, TensorRefs grads);
   void (*gsam_combine)(TensorRefs grads, TensorRefs ascent, const at::Tensor& stats, double alpha, double eps);

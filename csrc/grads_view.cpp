@@ -1,6 +1,6 @@
 // fastsam._C.GradsOf (see grads_view.h) and the plan's parameter helpers:
 //   _param_signature(params) -> bytes   what the step plan depends on, per parameter
-//   _grad_stamps(params) -> bytes       which gradient tensors, at which versions
+//   GradRecord(params)                   which gradient tensors, at which versions
 //   _clear_grads(params)                 `p.grad = None` for each (zero_grad(set_to_none=True))
 //   _set_grads(params, tensors)          `p.grad = t` for each (loading accumulated gradients)
 #include "grads_view.h"
@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace fastsam {
 namespace {
@@ -85,7 +87,7 @@ PyTypeObject GradsOfType = [] {
 }();
 
 [[noreturn]] void raise_missing_grad(Py_ssize_t index) {
-  PyObject* module = PyImport_ImportModule("fastsam.plan");
+  PyObject* module = PyImport_ImportModule("fastsam.ops");
   PyObject* type = module ? PyObject_GetAttrString(module, "MissingGrad") : nullptr;
   Py_XDECREF(module);
   if (type != nullptr) {
@@ -128,29 +130,84 @@ PyObject* param_signature(PyObject*, PyObject* params) {
   END_HANDLE_TH_ERRORS
 }
 
-// _grad_stamps(params) -> bytes: 16 bytes per parameter, the address of its gradient's
-// TensorImpl and that tensor's version counter (zeros when it has none). Equal stamps
-// mean the same gradient tensors, not written since; the closure protocol
-// (fastsam/closure.py) uses them to tell gradients a step consumed from fresh ones.
-PyObject* grad_stamps(PyObject*, PyObject* params) {
+// GradRecord(params): which gradient tensor each parameter holds, at which version. The
+// closure protocol (fastsam/closure.py) records one after a step and asks later whether
+// the gradients are still those, unchanged. It holds weak references: they keep no
+// gradient data alive, but do keep a freed tensor's address from being reused by a new
+// gradient (which would then look unchanged; seen with set_to_none=True).
+struct GradRecordObject {
+  PyObject_HEAD std::vector<c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>>* grads;
+  std::vector<uint64_t>* versions;
+};
+
+void grad_record_dealloc(PyObject* self) {
+  auto* obj = reinterpret_cast<GradRecordObject*>(self);
+  delete obj->grads;
+  delete obj->versions;
+  Py_TYPE(self)->tp_free(self);
+}
+
+PyObject* grad_record_new(PyTypeObject* type, PyObject* args, PyObject*) {
   HANDLE_TH_ERRORS
-  if (!PyList_Check(params)) {
-    PyErr_SetString(PyExc_TypeError, "fastsam._grad_stamps: expected a list of tensors");
-    return nullptr;
-  }
+  PyObject* params = nullptr;
+  if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &params)) return nullptr;
+  PyObject* self = type->tp_alloc(type, 0);
+  if (self == nullptr) return nullptr;
+  auto* obj = reinterpret_cast<GradRecordObject*>(self);
+  obj->grads = new std::vector<c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>>();
+  obj->versions = new std::vector<uint64_t>();
   const Py_ssize_t n = PyList_GET_SIZE(params);
-  std::string out(static_cast<size_t>(n) * 16, '\0');
+  obj->grads->reserve(n);
+  obj->versions->reserve(n);
   for (Py_ssize_t i = 0; i < n; ++i) {
-    const at::Tensor& g = unpack(PyList_GET_ITEM(params, i), "_grad_stamps", i)->grad();
-    if (!g.defined()) continue;
-    const uint64_t address = reinterpret_cast<uintptr_t>(g.unsafeGetTensorImpl());
-    const uint64_t version = g.unsafeGetTensorImpl()->version_counter().current_version();
-    std::memcpy(&out[16 * i], &address, 8);
-    std::memcpy(&out[16 * i + 8], &version, 8);
+    const at::Tensor& g = unpack(PyList_GET_ITEM(params, i), "GradRecord", i)->grad();
+    obj->grads->emplace_back(g.getIntrusivePtr());
+    obj->versions->push_back(g.defined() ? g.unsafeGetTensorImpl()->version_counter().current_version() : 0);
   }
-  return PyBytes_FromStringAndSize(out.data(), static_cast<Py_ssize_t>(out.size()));
+  return self;
   END_HANDLE_TH_ERRORS
 }
+
+// compare(params) -> (unchanged, present): how many parameters hold a gradient now, and how
+// many of those hold the recorded tensor at the recorded version.
+PyObject* grad_record_compare(PyObject* self, PyObject* params) {
+  HANDLE_TH_ERRORS
+  if (!PyList_Check(params)) {
+    PyErr_SetString(PyExc_TypeError, "GradRecord.compare: expected a list of tensors");
+    return nullptr;
+  }
+  auto* obj = reinterpret_cast<GradRecordObject*>(self);
+  const Py_ssize_t n = PyList_GET_SIZE(params);
+  int64_t unchanged = 0, present = 0;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const at::Tensor& g = unpack(PyList_GET_ITEM(params, i), "GradRecord.compare", i)->grad();
+    if (!g.defined()) continue;
+    ++present;
+    if (static_cast<size_t>(i) < obj->grads->size() &&
+        (*obj->grads)[i]._unsafe_get_target() == g.unsafeGetTensorImpl() &&
+        (*obj->versions)[i] == g.unsafeGetTensorImpl()->version_counter().current_version()) {
+      ++unchanged;
+    }
+  }
+  return Py_BuildValue("(LL)", static_cast<long long>(unchanged), static_cast<long long>(present));
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef grad_record_methods[] = {
+    {"compare", grad_record_compare, METH_O, "compare(params) -> (unchanged, present)"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyTypeObject GradRecordType = [] {
+  PyTypeObject t{PyVarObject_HEAD_INIT(nullptr, 0)};
+  t.tp_name = "fastsam._C.GradRecord";
+  t.tp_basicsize = sizeof(GradRecordObject);
+  t.tp_dealloc = grad_record_dealloc;
+  t.tp_flags = Py_TPFLAGS_DEFAULT;
+  t.tp_doc = "GradRecord(params: list): which gradient tensors, at which versions (see closure.py)";
+  t.tp_methods = grad_record_methods;
+  t.tp_new = grad_record_new;
+  return t;
+}();
 
 PyObject* clear_grads(PyObject*, PyObject* params) {
   HANDLE_TH_ERRORS
@@ -186,7 +243,6 @@ PyObject* set_grads(PyObject*, PyObject* args) {
 
 PyMethodDef methods[] = {
     {"_param_signature", param_signature, METH_O, "_param_signature(params: list) -> bytes"},
-    {"_grad_stamps", grad_stamps, METH_O, "_grad_stamps(params: list) -> bytes"},
     {"_clear_grads", clear_grads, METH_O, "_clear_grads(params: list): p.grad = None for each"},
     {"_set_grads", set_grads, METH_VARARGS, "_set_grads(params: list, tensors: list): p.grad = t for each"},
     {nullptr, nullptr, 0, nullptr}};
@@ -217,11 +273,14 @@ bool grads_of(PyObject* view, std::vector<at::Tensor>& out) {
 }
 
 int add_grads_view_type(PyObject* module) {
-  if (PyType_Ready(&GradsOfType) < 0) return -1;
-  Py_INCREF(&GradsOfType);
-  if (PyModule_AddObject(module, "GradsOf", reinterpret_cast<PyObject*>(&GradsOfType)) < 0) {
-    Py_DECREF(&GradsOfType);
-    return -1;
+  for (auto [type, name] : {std::pair<PyTypeObject*, const char*>{&GradsOfType, "GradsOf"},
+                            std::pair<PyTypeObject*, const char*>{&GradRecordType, "GradRecord"}}) {
+    if (PyType_Ready(type) < 0) return -1;
+    Py_INCREF(type);
+    if (PyModule_AddObject(module, name, reinterpret_cast<PyObject*>(type)) < 0) {
+      Py_DECREF(type);
+      return -1;
+    }
   }
   return 0;
 }

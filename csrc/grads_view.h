@@ -18,7 +18,7 @@ namespace fastsam {
 bool is_grads_view(PyObject* obj);
 
 // The gradients of the parameters a GradsOf holds (strong references), or a Python error
-// (fastsam.plan.MissingGrad when a parameter has none; TypeError for a non-tensor item).
+// (fastsam.ops.MissingGrad when a parameter has none; TypeError for a non-tensor item).
 // Returns false (no error set) when an item is a tensor subclass: the caller then takes
 // the dispatcher's path, which reads the gradients in Python.
 bool grads_of(PyObject* view, std::vector<at::Tensor>& out);

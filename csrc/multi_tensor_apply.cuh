@@ -15,6 +15,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "cuda_launch.h"
@@ -34,6 +35,7 @@ struct TensorListMeta {
   int64_t numels[Slots];
   int32_t slot_first_block[Slots];  // ascending; slot_first_block[0] == 0
   int32_t slot_first_chunk[Slots];
+  int32_t slot_tensor[Slots];  // the tensor's position in the op's lists (stochastic rounding hashes it)
   int64_t first_block;  // global index of this launch's block 0 (for reduction partials)
   int64_t chunk_size;   // elements per block
   int32_t slots;
@@ -110,6 +112,7 @@ void launch_planned(const FlatLists& lists, const Op& op, int64_t chunk_size, cu
       meta.numels[slot] = lists.numels[t];
       meta.slot_first_block[slot] = launch.slot_first_block[slot];
       meta.slot_first_chunk[slot] = launch.slot_first_chunk[slot];
+      meta.slot_tensor[slot] = static_cast<int32_t>(t);
     }
     meta.slots = static_cast<int32_t>(launch.tensors.size());
     meta.first_block = launch.first_block;
@@ -147,9 +150,19 @@ __device__ __forceinline__ bool is_pack_aligned(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % sizeof(Pack<T>) == 0;
 }
 
-// Walks elements [0, n) of one chunk. For each element, the values of the lists in
-// `Reads` (a bit mask over list indices) are loaded into v[d], fn(v) updates v, and the
-// lists in `Writes` are stored back from v[d].
+// Calls fn(v) or, when fn takes it, fn(v, index) with the element's index in its tensor.
+template <typename Fn, typename V>
+__device__ __forceinline__ void apply(Fn& fn, V& v, int64_t index) {
+  if constexpr (std::is_invocable_v<Fn&, V&, int64_t>) {
+    fn(v, index);
+  } else {
+    fn(v);
+  }
+}
+
+// Walks elements [begin, begin + n) of one chunk. For each element, the values of the
+// lists in `Reads` (a bit mask over list indices) are loaded into v[d], fn updates v, and
+// the lists in `Writes` are stored back from v[d].
 template <typename T, unsigned Reads, unsigned Writes, typename Meta, typename Fn>
 __device__ __forceinline__ void for_each_element(const Meta& meta, int slot, int64_t begin, int64_t n, Fn&& fn) {
   constexpr int Depth = Meta::kDepth;
@@ -172,7 +185,7 @@ __device__ __forceinline__ void for_each_element(const Meta& meta, int slot, int
         }
       }
 #pragma unroll
-      for (int k = 0; k < kIlp; ++k) fn(v[k]);
+      for (int k = 0; k < kIlp; ++k) apply(fn, v[k], begin + i + k);
 #pragma unroll
       for (int d = 0; d < Depth; ++d) {
         if (Writes & (1u << d)) {
@@ -198,7 +211,7 @@ __device__ __forceinline__ void for_each_element(const Meta& meta, int slot, int
 #pragma unroll
       for (int k = 0; k < kIlp; ++k) {
         const int64_t i = i0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
-        if (i < n) fn(v[k]);
+        if (i < n) apply(fn, v[k], begin + i);
       }
 #pragma unroll
       for (int k = 0; k < kIlp; ++k) {

@@ -32,7 +32,8 @@ at::Tensor sumsq_meta(at::TensorList tensors, at::TensorList, int64_t, double) {
 }
 
 void perturb_meta(at::TensorList, at::TensorList, at::TensorList, const at::Tensor&, double, int64_t,
-                  double, double, at::TensorList, const std::optional<at::Tensor>&) {}
+                  double, double, at::TensorList, const std::optional<at::Tensor>&,
+                  const std::optional<at::Tensor>&) {}
 
 void restore_meta(at::TensorList, at::TensorList) {}
 
@@ -105,7 +106,7 @@ TORCH_LIBRARY(fastsam, m) {
   // "not given"; the Python wrappers in fastsam/ops/compiled.py pass [] for None.
   m.def("sumsq(Tensor[] tensors, Tensor[] params, int b, float eta) -> Tensor");
   m.def("perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, Tensor sumsq, float rho, "
-        "int a, float eta, float eps, Tensor(c!)[] ascent, Tensor? ascent_sumsq) -> ()");
+        "int a, float eta, float eps, Tensor(c!)[] ascent, Tensor? ascent_sumsq, Tensor? seed=None) -> ()");
   m.def("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()");
   m.def("gsam_reduce(Tensor[] ascent, Tensor[] grads) -> Tensor");
   m.def("gsam_combine_(Tensor(a!)[] grads, Tensor[] ascent, Tensor stats, float alpha, float eps) -> ()");

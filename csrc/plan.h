@@ -87,38 +87,31 @@ C10_HOST_DEVICE inline int slot_of_block(const int32_t* slot_first_block, int sl
   return lo;
 }
 
-// Elements per CPU work item (64 KiB of fp32). Not sensitive: a SAM sub-step on the
-// ResNet-50 and 4096-tiny-tensor sets took the same time (within +-5%, medians of 15,
-// interleaved, 2 busy cores) with items of 4096, 16384, 65536 and 262144 elements.
+// Elements per CPU work item (64 KiB of fp32). The time of a sub-step does not depend on
+// it between 4096 and 262144 elements (benchmarks/README.md, "Tuning constants").
 constexpr int64_t kCpuItemSize = 16384;
 
 // The CUDA launch configuration (multi_tensor_apply.cuh checks that a launch's argument
 // fits the kernel-parameter limit). Depth = number of tensor lists an op walks.
 // Elements per thread block: the default; FASTSAM_CUDA_CHUNK_SIZE overrides it (a multiple
-// of kIlp * kCudaBlockThreads = 2048), read once (cuda_chunk_size()). With 65536 and a
-// per-block map in the argument (at most 320 blocks a launch), a SAM sub-step on the
-// ResNet-50 set reached 57% of copy bandwidth on an H200 (2026-11-26 GPU check): about
-// 250 blocks a launch could not keep 132 SMs busy. With one launch per op, 8192, 16384 and
-// 32768 gave 84%, 83% and 82% there (one process each, same H200).
+// of kIlp * kCudaBlockThreads = 2048), read once (cuda_chunk_size()). 8192 to 32768 are
+// equally fast on an H200 (benchmarks/README.md, "Tuning constants").
 constexpr int64_t kCudaChunkSize = 16384;
 constexpr int kCudaBlockThreads = 512;
 constexpr int64_t kCudaMaxBlocks = 8192;  // blocks per launch (block indices stay int32)
 constexpr int kCudaMaxDepth = 4;
 // Slots of a launch whose argument fits the classic 4 KiB kernel-parameter limit:
-// 8 bytes of address per list, 8 of length and 2 x 4 of block/chunk starts per slot.
+// 8 bytes of address per list, 8 of length, 2 x 4 of block/chunk starts and 4 of the
+// tensor's list position per slot (multi_tensor_apply.cuh checks the sizes).
 constexpr int64_t cuda_max_tensors(int depth) {
-  return depth == 1 ? 159 : depth == 2 ? 119 : depth == 3 ? 95 : 79;
+  return depth == 1 ? 136 : depth == 2 ? 105 : depth == 3 ? 86 : 73;
 }
 // Slots of a launch whose argument uses CUDA 12.1's 32 KiB limit (sm_70 and newer, built
-// with CUDA >= 12.1). The 4 KiB launches put the ResNet-50 set's 161 tensors in two
-// launches per op, and the second launch (a few tensors) costs a launch gap and a
-// partial wave: 77% of copy bandwidth for a SAM sub-step on an H200 against 85% for the
-// one-launch-per-op triton kernels (2026-11-26). With this argument the same H200 run
-// measured 0.202 ms (84%) against 0.218 ms (78%) with FASTSAM_CUDA_LARGE_PARAMS=0, and the
-// host time per call did not change (88 vs 87 us; benchmarks/results/nvidia-h200-2026-11-26-3).
-// Lists that fit 4 KiB keep it.
+// with CUDA >= 12.1), for lists that do not fit 4 KiB: one launch per op instead of two
+// for ResNet-50's 161 tensors, which avoids a launch gap and a partial wave (the effect
+// is measured in benchmarks/README.md, "Tuning constants"). Lists that fit 4 KiB keep it.
 constexpr int64_t cuda_max_tensors_large(int depth) {
-  return depth == 1 ? 1350 : depth == 2 ? 1015 : depth == 3 ? 810 : 675;
+  return depth == 1 ? 1164 : depth == 2 ? 905 : depth == 3 ? 741 : 627;
 }
 // The slots per launch the launcher uses for `tensors` non-empty tensors over `depth`
 // lists: the 4 KiB argument when they fit in it or large arguments are off, else the large one.

@@ -155,6 +155,15 @@ at::Tensor scalar_on(const char* op, const char* name, const at::Tensor& t, at::
   return t.to(device, at::kFloat).contiguous();
 }
 
+at::Tensor seed_on(const char* op, const at::Tensor& seed, at::Device device) {
+  TORCH_CHECK(seed.defined() && seed.numel() == 1 && seed.scalar_type() == at::kLong, "fastsam.", op,
+              ": seed must be a one-element int64 tensor, got ", seed.defined() ? seed.toString() : "undefined",
+              " of shape ", seed.sizes());
+  TORCH_CHECK(seed.device() == device || seed.is_cpu(), "fastsam.", op, ": seed is on ", seed.device(),
+              " but the tensors are on ", device);
+  return seed.to(device).contiguous();
+}
+
 void check_exponent(const char* op, const char* name, int64_t value, int64_t max) {
   TORCH_CHECK(value >= 0 && value <= max, "fastsam.", op, ": ASAM exponent ", name, " must be in [0, ",
               max, "], got ", value);

@@ -79,6 +79,9 @@ PreparedLists prepare_perturb_lists(TensorRefs params, TensorRefs grads, TensorR
 at::Tensor scalar_on(const char* op, const char* name, const at::Tensor& t, at::Device device,
                      int64_t numel);
 
+// The stochastic-rounding seed (an int64 0-d tensor) on `device`.
+at::Tensor seed_on(const char* op, const at::Tensor& seed, at::Device device);
+
 void check_exponent(const char* op, const char* name, int64_t value, int64_t max);
 
 }  // namespace fastsam

@@ -5,6 +5,7 @@ the per-step bookkeeping (global norm, perturbation, exact restore, GSAM decompo
 accumulation) run by interchangeable backends of one ops contract (``fastsam.ops``).
 """
 
+from fastsam._version import __version__
 from fastsam.batchnorm import disable_running_stats, enable_running_stats, frozen_running_stats
 from fastsam.losses import OutputBiasForgetting
 from fastsam.ops import BackendUnavailableError, available_backends
@@ -12,8 +13,6 @@ from fastsam.optimizer import SAM
 from fastsam.passes import Pass, SubStepResult
 from fastsam.schedules import lr_proportional_rho
 from fastsam.training import StepOutput, train_step
-
-__version__ = "0.1.0"
 
 __all__ = [
     "SAM",

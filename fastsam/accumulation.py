@@ -41,30 +41,26 @@ class Accumulator:
         """``accum += weight * grad`` for the bucket's parameters that have a gradient now."""
         accum = bucket.flat_buffer("accum")
         entry = self._entries.get(id(bucket))
-        try:
-            grads, present = bucket.grads(), None
-        except MissingGrad:
-            present = [i for i, p in enumerate(bucket.params) if p.grad is not None]
-            grads = [distributed.local(bucket.params[i].grad) for i in present]
-        accumulate = bucket.backend.accumulate_
-        if present is None and (entry is None or entry.done is None):
-            accumulate(accum, grads, weight, init=entry is None)
-            if entry is None:
-                self._entries[id(bucket)] = _Entry(bucket)
-            return
-        indices = range(len(bucket.params)) if present is None else present
-        if present is None:
-            grads = bucket.grad_list()
+        if entry is None or entry.done is None:  # the usual case: one call for the whole bucket
+            try:
+                bucket.backend.accumulate_(accum, bucket.grads(), weight, init=entry is None)
+                if entry is None:
+                    self._entries[id(bucket)] = _Entry(bucket)
+                return
+            except MissingGrad:  # raised before any work is done
+                pass
+        present = [i for i, p in enumerate(bucket.params) if p.grad is not None]
+        by_index = {i: distributed.local(bucket.params[i].grad) for i in present}
         if entry is None:
             entry = self._entries[id(bucket)] = _Entry(bucket, [False] * len(bucket.params))
         elif entry.done is None:
             entry.done = [True] * len(bucket.params)
-        by_index = dict(zip(indices, grads))
         for init in (True, False):  # first contributions overwrite, later ones add
-            chosen = [i for i in indices if entry.done[i] != init]
+            chosen = [i for i in present if entry.done[i] != init]
             if chosen:
-                accumulate([accum[i] for i in chosen], [by_index[i] for i in chosen], weight, init=init)
-        for i in indices:
+                bucket.backend.accumulate_([accum[i] for i in chosen], [by_index[i] for i in chosen], weight,
+                                           init=init)
+        for i in present:
             entry.done[i] = True
         if all(entry.done):
             entry.done = None

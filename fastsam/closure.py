@@ -53,12 +53,12 @@ class ClosureProtocol:
         if convention not in CONVENTIONS:
             raise ValueError(f"closure_convention must be one of {CONVENTIONS}; got {convention!r}")
         self.convention = convention
-        self._consumed = None  # grad_stamps after the last step(closure)
+        self._consumed = None  # a grad record taken at the end of the last step(closure)
 
     def consumed(self, params: list) -> None:
         """Note the gradients a step(closure) just consumed (called at its end)."""
         if self.convention == "auto":
-            self._consumed = compiled.grad_stamps(params)
+            self._consumed = compiled.grad_record(params)
 
     def decide(self, params: list, ascent_sumsq) -> Ascent:
         """Where this step's ascent gradient comes from.
@@ -68,34 +68,24 @@ class ClosureProtocol:
         """
         if self.convention == "torch":
             return Ascent.FROM_CLOSURE
-        stamps = compiled.grad_stamps(params)
+        unchanged, present = (self._consumed or compiled.grad_record([])).compare(params)
         if self.convention == "wrapper":
-            if not _any_present(stamps):
+            if not present:
                 raise RuntimeError(
                     "SAM(closure_convention='wrapper') found no gradient: call loss.backward() before "
                     "optimizer.step(closure), or use closure_convention='torch' (or 'auto')")
             return Ascent.PRESENT
-        if not _any_present(stamps):
-            return Ascent.FROM_CLOSURE
-        if self._consumed is not None and stamps == self._consumed:
+        if not present or unchanged == present:
             return Ascent.FROM_CLOSURE
         total = ascent_sumsq()
         if total is not None and float(total) == 0.0:
             return Ascent.FROM_CLOSURE
-        if self._consumed is not None and len(self._consumed) == len(stamps):
-            stale, present = compiled.stale_count(self._consumed, stamps)
-            if 0 < stale < present:
-                warnings.warn(
-                    f"fastsam.SAM.step(closure): {stale} of {present} gradients are left over from the previous "
-                    "step while the others were computed since; all of them form the ascent direction. Zero the "
-                    "gradients between steps (optimizer.zero_grad()).", RuntimeWarning, stacklevel=3)
+        if unchanged:
+            warnings.warn(
+                f"fastsam.SAM.step(closure): {unchanged} of {present} gradients are left over from the previous "
+                "step while the others were computed since; all of them form the ascent direction. Zero the "
+                "gradients between steps (optimizer.zero_grad()).", RuntimeWarning, stacklevel=3)
         return Ascent.PRESENT
-
-
-def _any_present(stamps) -> bool:
-    if isinstance(stamps, bytes):
-        return stamps.count(0) < len(stamps)  # a C-level scan; zeros are the stamps of missing gradients
-    return any(s is not None for s in stamps)
 
 
 def zero_norm_warning(count: int, total: int) -> Optional[str]:

@@ -37,6 +37,7 @@ from fastsam.schedules import RHO_SCHEDULES, lr_proportional_rho
 logger = logging.getLogger("fastsam")
 
 ADAPTIVE_SCOPES = ("all", "matrices")
+ROUNDING_MODES = ("stochastic", "nearest")
 
 # Keys SAM adds to every param group (settable per group).
 GROUP_KEYS = ("rho", "adaptive", "eta", "adaptive_scope", "gsam_alpha", "rho_schedule",
@@ -72,6 +73,15 @@ def _lr(group: dict) -> float:
     if lr is None:
         raise ValueError("rho_schedule='lr' needs a base optimizer whose param groups have an 'lr'")
     return float(lr)
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser (public domain): independent-looking 64-bit values from counters."""
+    mask = (1 << 64) - 1
+    x = (x + 0x9E3779B97F4A7C15) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
 
 
 def _current_rho(group: dict) -> float:
@@ -112,7 +122,10 @@ class SAM(Optimizer):
     gradients are inf/nan, and warn about zero ascent gradients, at the cost of one host
     synchronisation per step; a GradScaler replaces the check) and ``closure_convention``
     (how ``step(closure)`` finds the ascent gradient: 'auto', 'torch' or 'wrapper'; see
-    fastsam/closure.py).
+    fastsam/closure.py). ``rounding``: how bf16/fp16 perturbed weights are rounded:
+    ``'stochastic'`` (the default: to one of the two neighbours of w + eps, unbiased, with a
+    new seed at every perturbation, derived from ``rounding_seed``) or ``'nearest'``; see
+    fastsam/ops/rounding.py. Restores are bit-exact either way.
     """
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive=False, *,
@@ -121,7 +134,8 @@ class SAM(Optimizer):
                  rho_min: float = 0.0, lr_max: Optional[float] = None, lr_min: float = 0.0,
                  randsam: bool = False, generator: Optional[torch.Generator] = None,
                  backend: str = "auto", perturb_eps: float = 1e-12, check_finite: bool = True,
-                 closure_convention: str = "auto", **base_kwargs):
+                 closure_convention: str = "auto", rounding: str = "stochastic",
+                 rounding_seed: Optional[int] = None, **base_kwargs):
         sam_defaults = dict(rho=rho, adaptive=adaptive, eta=eta, adaptive_scope=adaptive_scope,
                             gsam_alpha=gsam_alpha, rho_schedule=rho_schedule, rho_min=rho_min,
                             lr_max=lr_max, lr_min=lr_min)
@@ -130,6 +144,10 @@ class SAM(Optimizer):
         _check_nonnegative("perturb_eps", perturb_eps)
         if generator is not None and not randsam:
             raise ValueError("generator is only used with randsam=True")
+        if rounding not in ROUNDING_MODES:
+            raise ValueError(f"rounding must be one of {ROUNDING_MODES}; got {rounding!r}")
+        if rounding_seed is not None and (isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int)):
+            raise TypeError(f"rounding_seed must be an int or None; got {rounding_seed!r}")
         self._closure = closure_protocol.ClosureProtocol(closure_convention)
 
         self._base: Optional[Optimizer] = None
@@ -160,6 +178,12 @@ class SAM(Optimizer):
         self.backend = backend
         self.perturb_eps = float(perturb_eps)
         self.check_finite = bool(check_finite)
+        self.rounding = rounding
+        # stochastic rounding: one seed per perturbation and bucket, derived from this one
+        # (drawn from torch's global generator unless given, so torch.manual_seed fixes it)
+        self._rounding_seed = int(rounding_seed if rounding_seed is not None
+                                  else torch.randint(0, 2 ** 62, (), dtype=torch.int64).item())
+        self._perturbations = 0
         self._backends: dict[tuple, ops.Backend] = {}
         for device, dtype in {(p.device, p.dtype) for group in self.param_groups for p in group["params"]}:
             if dtype.is_floating_point:
@@ -334,12 +358,23 @@ class SAM(Optimizer):
         if gsam and self.gsam_normalize_ascent:
             adaptive_norm = any(bucket.b != 0 for bucket in active)
             ascent_sumsq = self._sumsq(active, directions, adaptive=False) if adaptive_norm else total
-        for bucket, direction in zip(active, directions):
+        for index, (bucket, direction) in enumerate(zip(active, directions)):
             bucket.backend.perturb_(
                 bucket.tensors(), direction, bucket.buffer("backup"), total, bucket.rho,
                 bucket.a, bucket.b, bucket.eta, self.perturb_eps,
-                bucket.buffer("ascent") if gsam else None, ascent_sumsq)
+                bucket.buffer("ascent") if gsam else None, ascent_sumsq, seed=self._seed(bucket, index))
+        self._perturbations += 1
         self._perturbed = active
+
+    def _seed(self, bucket: Bucket, index: int) -> Optional[Tensor]:
+        """This perturbation's stochastic-rounding seed for a bf16/fp16 bucket (None: round to nearest)."""
+        if self.rounding != "stochastic" or bucket.params[0].dtype not in (torch.bfloat16, torch.float16):
+            return None
+        value = _mix64(self._rounding_seed ^ _mix64(self._perturbations ^ _mix64(index)))
+        seed = bucket.buffers.get("seed")
+        if seed is None:
+            seed = bucket.buffers["seed"] = [torch.empty((), dtype=torch.int64, device=bucket.params[0].device)]
+        return seed[0].fill_(value - (1 << 64) if value >= 1 << 63 else value)
 
     @torch.no_grad()
     def unperturb(self, accumulate_weight: Optional[float] = None) -> None:
@@ -582,12 +617,15 @@ class SAM(Optimizer):
 
     def _extra_state(self) -> dict:
         """fastsam's global state for checkpoints (subclasses add theirs)."""
-        extras = {}
+        extras = {"rounding_seed": self._rounding_seed, "perturbations": self._perturbations}
         if self.generator is not None:
             extras["generator_state"] = self.generator.get_state()
         return extras
 
     def _load_extra_state(self, extras: dict) -> None:
+        if "rounding_seed" in extras:
+            self._rounding_seed = int(extras["rounding_seed"])
+            self._perturbations = int(extras["perturbations"])
         generator_state = extras.get("generator_state")
         if generator_state is not None:
             if self.generator is None:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from fastsam import distributed, ops
-from fastsam.ops import compiled
+from fastsam.ops import MissingGrad, compiled  # noqa: F401  (MissingGrad: raised by Bucket.grads users)
 
 # adaptive option -> (a, b) exponents of T = |w| + eta in eps = rho * T^a g / ||T^b g||
 ADAPTIVE_EXPONENTS = {
@@ -44,8 +44,6 @@ def adaptive_exponents(adaptive) -> tuple[int, int]:
     )
 
 
-class MissingGrad(LookupError):
-    """A parameter of a bucket has no gradient where the step needs one."""
 
 
 @dataclasses.dataclass

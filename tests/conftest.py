@@ -21,6 +21,38 @@ from fastsam.tolerances import assert_close_scaled, tolerance  # noqa: F401  (th
 HAS_CUDA = torch.cuda.is_available()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
+# tests.mutation_check: FASTSAM_MUTANT=<op>:<backend> replaces that backend by one with the
+# op broken (tests/mutants.py), before any test is collected; the run must then fail.
+MUTANT = None
+if os.environ.get("FASTSAM_MUTANT"):
+    from tests import mutants
+    MUTANT = mutants.install(os.environ["FASTSAM_MUTANT"])
+
+
+def pytest_terminal_summary(terminalreporter):
+    if MUTANT is not None:  # printed even with -q; tests.mutation_check looks for it
+        terminalreporter.write_line(
+            f"fastsam: MUTANT installed, {MUTANT[1]} backend with {MUTANT[0]} broken (FASTSAM_MUTANT)")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """With a mutant installed, run the same tests in an order that reaches the broken op
+    soonest: the cases parametrized with the mutated backend first, tests/test_ops.py's
+    among them first and those named after the broken op before the others, then
+    everything else in the usual order."""
+    if MUTANT is None:
+        return
+    mutation, backend = MUTANT
+    op_stem = mutation.rstrip("_")
+
+    def priority(item):
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        on_backend = any(value == backend for value in params.values() if isinstance(value, str))
+        return (not on_backend, not item.nodeid.startswith("tests/test_ops.py"), op_stem not in item.name)
+
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (priority(item), order[id(item)]))
+
 
 def fast_backends(device: str) -> list[str]:
     return [name for name in ops.available_backends(device) if name != "reference"]

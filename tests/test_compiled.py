@@ -190,7 +190,9 @@ def test_setup_finds_archs_that_cannot_take_large_kernel_arguments(arch_list, ol
 @pytest.mark.parametrize("value", [None, "1", "0", "yes"])
 def test_cuda_large_params_switch(value):
     """32 KiB launch arguments are on wherever the CUDA kernels were built with CUDA >= 12.1;
-    FASTSAM_CUDA_LARGE_PARAMS=0 turns them off (for measuring), other values are refused."""
+    FASTSAM_CUDA_LARGE_PARAMS=0 turns them off (for measuring), other values are refused.
+    An extension built without CUDA kernels (FASTSAM_SKIP_CUDA) has no launches to switch
+    and does not read the variable: always off."""
     code = ("import torch, fastsam.ops.compiled as c; c.load_extension()\n"
             "try:\n    print(torch.ops.fastsam._launch_config()[12])\n"
             "except RuntimeError as e:\n    print(str(e).splitlines()[0])")
@@ -201,7 +203,9 @@ def test_cuda_large_params_switch(value):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     last = out.stdout.strip().splitlines()[-1]
-    if value == "yes":
+    if not compiled.cuda_kernels_built():
+        assert last == "0"
+    elif value == "yes":
         assert "FASTSAM_CUDA_LARGE_PARAMS must be 0 or 1" in last
     else:
         assert last == str(int(value != "0" and large_params_by_default()))
@@ -614,20 +618,40 @@ def test_sam_substep_can_be_captured_in_a_cuda_graph(device):
 
 # ---- past 2^31 elements (memory: marked slow) -----------------------------------------
 
+# One bf16 tensor of 2^31 + 2^16 + 3 elements (4.3 GB), zero except at MARKED positions:
+# the first elements, both sides of 2^31, the last three (alone in the last 16384-element
+# CPU item and CUDA chunk), and the two whose index minus 2^31 is also marked (n - 1 and
+# n - 2 alias 65538 and 65537 under an int32 wrap, as 2^31 and 2^31 + 1 alias 0 and 1).
+# Each holds a distinct power of two, so every sum of a subset of their squares is exact
+# in fp32 and different: a dropped tail, a dropped last chunk, a doubled element or an
+# index that wraps past 2^31 each give a different total than the closed form.
+PAST_2_31 = 2 ** 31 + 2 ** 16 + 3
+MARKED = [0, 1, 65537, 65538, 2 ** 31 - 1, 2 ** 31, 2 ** 31 + 1, PAST_2_31 - 3, PAST_2_31 - 2, PAST_2_31 - 1]
+MARKED_VALUES = [(-1.0) ** k * 2.0 ** k for k in range(len(MARKED))]  # 1, -2, 4, ..., -512
+
+
+def check_tensors_past_two_to_the_31_elements(backend, device: str) -> None:
+    """sumsq, accumulate_ and restore_ on the MARKED tensor against closed forms."""
+    n = PAST_2_31
+    where = torch.tensor(MARKED, dtype=torch.int64, device=device)
+    values = torch.tensor(MARKED_VALUES, dtype=torch.bfloat16, device=device)
+    g = torch.zeros(n, dtype=torch.bfloat16, device=device)
+    g[where] = values
+    expected_sumsq = sum(v * v for v in MARKED_VALUES)  # sum of 4^k, k < 10: 349525, exact in fp32
+    assert backend.sumsq([g]).item() == expected_sumsq, "sumsq lost, doubled or misplaced an element"
+
+    w = torch.zeros(n, dtype=torch.bfloat16, device=device)
+    backend.accumulate_([w], [g], 0.5, init=True)  # halving a power of two is exact
+    assert w[where].tolist() == [0.5 * v for v in MARKED_VALUES], "accumulate_ missed a marked element"
+    assert int(torch.count_nonzero(w)) == len(MARKED), "accumulate_ wrote outside the marked elements"
+
+    backend.restore_([w], [g])  # w <- g: every marked element changes (0.5 v -> v)
+    assert w[where].tolist() == MARKED_VALUES, "restore_ missed a marked element"
+    assert int(torch.count_nonzero(w)) == len(MARKED), "restore_ wrote outside the marked elements"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=needs_ext), pytest.param("cuda", marks=gpu)])
 def test_tensors_past_two_to_the_31_elements(device):
-    """bf16 tensors of 2^31 + 2^16 + 3 elements (4.3 GB each): 64-bit offsets throughout."""
-    n = 2 ** 31 + 2 ** 16 + 3
-    backend = backend_for(device)
-    g = torch.ones(n, dtype=torch.bfloat16, device=device)
-    g[-3:] = 2.0  # the tail, past 2^31, must count: sum = n - 3 + 12
-    total = backend.sumsq([g])
-    assert total.item() == torch.tensor(float(n + 9), dtype=torch.float32).item()
-    w = torch.zeros(n, dtype=torch.bfloat16, device=device)
-    backend.accumulate_([w], [g], 0.5, init=True)
-    assert w[-3:].tolist() == [1.0, 1.0, 1.0] and w[-4].item() == 0.5 and w[0].item() == 0.5
-    del g
-    backup = torch.zeros(n, dtype=torch.bfloat16, device=device)
-    backend.restore_([w], [backup])
-    assert w[-1].item() == 0.0 and int(torch.count_nonzero(w)) == 0
+    """64-bit offsets throughout: two 4.3 GB bf16 tensors past 2^31 elements."""
+    check_tensors_past_two_to_the_31_elements(backend_for(device), device)

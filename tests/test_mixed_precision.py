@@ -150,3 +150,57 @@ def test_check_finite_off_lets_nan_through_like_torch_optim():
     x, y = data()
     fastsam.train_step(model, opt, x[0], y[0], poisoned_loss(1, []))
     assert any(torch.isnan(p).any() for p in model.parameters())
+
+
+def test_scaler_skip_in_an_accumulation_call_skips_the_whole_cycle():
+    """A GradScaler skip in a step=False call must not finish the step there (base step,
+    scaler.update()); the cycle's later calls must not step on a partial gradient."""
+    model = make_model()
+    opt = sam(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    x, y = data()
+    fastsam.train_step(model, opt, x[0], y[0], F.cross_entropy, micro_batch=16, scaler=scaler)
+    before = [p.detach().clone() for p in model.parameters()]
+    momentum = [opt.base_optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    counter = []
+    first = fastsam.train_step(model, opt, x[1], y[1], poisoned_loss(0, counter), micro_batch=16, scaler=scaler,
+                               accumulation_steps=2, step=False)
+    assert scaler.get_scale() == 2.0 ** 10  # nothing finished inside the cycle
+    second = fastsam.train_step(model, opt, x[2], y[2], F.cross_entropy, micro_batch=16, scaler=scaler,
+                                accumulation_steps=2, step=True)
+    assert not first.stepped and not second.stepped
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(opt.base_optimizer.state[p]["momentum_buffer"], m)
+               for p, m in zip(model.parameters(), momentum))
+    assert scaler.get_scale() == 2.0 ** 9  # backed off once, for the cycle
+    assert not opt.is_perturbed and not opt.accumulating
+    for i in range(2):  # the next cycle steps
+        out = fastsam.train_step(model, opt, x[3 + i], y[3 + i], F.cross_entropy, micro_batch=16, scaler=scaler,
+                                 accumulation_steps=2, step=(i == 1))
+    assert out.stepped and not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_hand_written_gsam_loop_with_scaler_follows_the_unscaled_trajectory():
+    """The README's AMP recipe with GSAM: the loss scale cancels in the normalised
+    perturbation and is linear in GSAM's combination, so a scaled run (no overflow) follows
+    the unscaled one."""
+    x, y = data()
+    runs = []
+    for scaled in (False, True):
+        model = make_model()
+        opt = sam(model, gsam_alpha=0.4)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, enabled=scaled)
+        for step in range(6):
+            scaler.scale(F.cross_entropy(model(x[step]), y[step])).backward()
+            assert opt.first_step(zero_grad=True, skip_nonfinite=True)
+            with fastsam.frozen_running_stats(model):
+                scaler.scale(F.cross_entropy(model(x[step]), y[step])).backward()
+            opt.unperturb()
+            opt.base_step(scaler if scaled else None)
+            scaler.update()
+            opt.zero_grad()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for unscaled, scaled in zip(*runs):
+        torch.testing.assert_close(scaled, unscaled, rtol=1e-6, atol=1e-7)
+    reference = make_model()
+    assert not all(torch.allclose(a, b) for a, b in zip(runs[0], reference.parameters()))  # it trained

@@ -131,7 +131,10 @@ def test_perturb(device, name, dtype, kind, a, b, gsam):
     case = Case(kind, dtype, device)
     backend = _backend(device, name)
     rho, eta, eps = 0.3, 0.01, 1e-12
-    sumsq = reference.sumsq(case.grads, case.params, b, eta)
+    # A given sum of squares, not the lists' own: with that (~8e3 for the odd sizes) the step
+    # rho g / ||g|| is ~1e-5 of a weight, far below a bf16/fp16 rounding, and a perturb_
+    # that skipped its add passed. With 0.01 the step is ~30% of a weight (checked below).
+    sumsq = torch.tensor(0.01, device=device)
     ascent_sumsq = reference.sumsq(case.grads) if gsam == "normalized" else None
 
     results = {}
@@ -150,11 +153,44 @@ def test_perturb(device, name, dtype, kind, a, b, gsam):
     magnitudes = [w0.double().abs() + rho * inv_norm * (w0.double().abs() + eta) ** a * g.double().abs()
                   for w0, g in zip(case.params, case.grads)]
     assert_lists_close(got_p, ref_p, magnitudes)
+    with pytest.raises(AssertionError, match="out of tolerance"):  # so a perturb_ that did nothing would fail
+        assert_lists_close(case.clone_params(), ref_p, magnitudes)
     if gsam == "raw":
         assert_lists_equal(got_asc, case.grads, "the raw ascent copy must be bit-exact")
     elif gsam:
         inv_ascent = 1.0 / ascent_sumsq.sqrt().item()
         assert_lists_close(got_asc, ref_asc, [g.double().abs() * inv_ascent for g in case.grads])
+
+
+@pytest.mark.parametrize("device,name", backend_cases())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("a,b,gsam", [(0, 0, None), (2, 1, "raw"), (1, 0, "normalized")])
+def test_perturb_stochastic_rounding_matches_reference(device, name, dtype, kind, a, b, gsam):
+    """The same random bits everywhere (fastsam/ops/rounding.py): on the CPU every backend's
+    stochastically rounded weights equal the reference's bit for bit, views included (a
+    GPU's fused multiply-add may move a rare decision; tests/test_rounding.py bounds it)."""
+    case = Case(kind, dtype, device)
+    backend = _backend(device, name)
+    sumsq = torch.tensor(25.0, device=device)  # a step of ~0.6% of a weight: a few ulps in bf16
+    ascent_sumsq = reference.sumsq(case.grads) if gsam == "normalized" else None
+    seed = torch.tensor(-123456789, dtype=torch.int64, device=device)
+    results = []
+    for impl in (reference, backend):
+        params = case.clone_params()
+        backups = [torch.empty_like(p) for p in params]
+        ascent = [torch.empty_like(g) for g in case.grads] if gsam else None
+        impl.perturb_(params, case.grads, backups, sumsq, 0.3, a, b, 0.01, 1e-12, ascent, ascent_sumsq, seed=seed)
+        if case.owners:
+            case.check_outside_untouched(params)
+        assert_lists_equal(backups, case.params, "backup must be a bit-exact copy of the weights")
+        results.append(params)
+    flat = [torch.cat([t.reshape(-1).view(torch.int16) for t in r]) if r else torch.empty(0) for r in results]
+    mismatched = int((flat[0].cpu() != flat[1].cpu()).sum())
+    assert mismatched <= (0 if device == "cpu" else flat[0].numel() // 10_000)
+    nearest = case.clone_params()
+    reference.perturb_(nearest, case.grads, [torch.empty_like(p) for p in nearest], sumsq, 0.3, a, b, 0.01)
+    assert not all(torch.equal(x, y) for x, y in zip(nearest, results[0]) if x.numel())  # the seed mattered
 
 
 @pytest.mark.parametrize("device,name", backend_cases())

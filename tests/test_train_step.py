@@ -163,3 +163,30 @@ def test_ascent_loss_needs_sam_and_is_refused_with_randsam():
     opt = fastsam.SAM(model.parameters(), torch.optim.SGD, lr=LR, randsam=True)
     with pytest.raises(ValueError, match="no effect with randsam"):
         fastsam.train_step(model, opt, *make_batch(), F.cross_entropy, ascent_loss=fastsam.OutputBiasForgetting())
+
+
+@pytest.mark.parametrize("inputs,match", [
+    (lambda x: x[:8], r"inputs has 8 examples \(dim 0 of shape \(8, 6\)\) but targets has 24"),
+    (lambda x: (x, x[:5]), r"inputs\[1\] has 5 examples"),
+    (lambda x: {"left": x, "right": x[:3]}, r"inputs\['right'\] has 3 examples"),
+    (lambda x: (x, 3), r"inputs\[1\] must be a tensor"),
+], ids=["tensor", "tuple", "dict", "not-a-tensor"])
+def test_mismatched_inputs_are_named(inputs, match):
+    x, y = make_batch()
+    model = make_model()
+    opt = fastsam.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    with pytest.raises((ValueError, TypeError), match=match):
+        fastsam.train_step(model, opt, inputs(x), y, F.cross_entropy, micro_batch=4)
+    assert not opt.is_perturbed and all(p.grad is None for p in model.parameters())
+
+
+def test_empty_batch_and_targets_elsewhere_are_refused():
+    x, y = make_batch()
+    model = make_model()
+    opt = fastsam.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    with pytest.raises(ValueError, match="empty batch"):
+        fastsam.train_step(model, opt, x[:0], y[:0], F.cross_entropy)
+    with pytest.raises(ValueError, match=r"targets are on meta but the model's parameters on cpu"):
+        fastsam.train_step(model, opt, x, y.to("meta"), F.cross_entropy)
+    with pytest.raises(TypeError, match="targets must be a tensor"):
+        fastsam.train_step(model, opt, x, [0, 1], F.cross_entropy)

@@ -2,5 +2,7 @@
 
 ``python -m fastsam.bench`` (or ``fastsam-bench``) is the command-line entry
 (fastsam.bench.cli); ``engine`` times things, ``workloads`` generates model shapes,
-``e2e`` builds small models, ``report`` prints tables and ``plot`` draws (matplotlib only).
+``peers`` holds other implementations' SAM sub-steps (``--peers``), ``host`` the
+optimizer-vs-kernels items and their goals, ``e2e`` builds small models, ``report`` prints
+tables, ``results`` writes JSON/CSV and ``plot`` draws (matplotlib only).
 """

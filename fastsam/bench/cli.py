@@ -9,10 +9,7 @@ measured in the same run, and speed-ups over the reference and foreach backends.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import json
-import math
 import os
 import sys
 import time
@@ -23,7 +20,10 @@ import torch
 from fastsam import ops
 from fastsam.bench import e2e as e2e_mod
 from fastsam.bench import engine, report
+from fastsam.bench import host as host_mod
+from fastsam.bench import peers as peers_mod
 from fastsam.bench import plot as plot_mod
+from fastsam.bench import results as results_mod
 from fastsam.bench.env import environment, load_average
 from fastsam.bench.workloads import WORKLOADS, parse_workloads
 
@@ -44,7 +44,19 @@ ascent copy, gsam_reduce, gsam_combine_). Each is warmed up, then timed call by 
 the table shows the median and the spread (p80 - p20) / median. Bandwidth counts only the
 bytes that must move (a SAM sub-step: 28N bytes for N fp32 parameters) and is shown as a %
 of a large device-to-device copy measured in the same run. Speed-ups are over the
-'reference' and 'foreach' backends.
+'reference' and 'foreach' backends (and, with --peers, the best peer).
+
+Host time (items optimizer_substep and kernels_substep): one SAM sub-step through
+fastsam.SAM (first_step + second_step with a no-op base optimizer, on nn.Parameters with
+.grad set) against the same sub-step's kernels called directly (fastsam._C for cpp/cuda),
+timed interleaved; the ratio, host time (CPU: optimizer - kernels; GPU: time to queue one
+sub-step) as a % of the sub-step, and the goals of issue 13 next to them.
+
+--peers: also time three peer baselines on the SAM and GSAM sub-steps, on the same
+tensors: the per-tensor loop of the widely used single-file SAM wrapper, the foreach code
+of the Forget-Sharpness paper, and a best-effort foreach sub-step (fewest passes, no
+allocations); see fastsam/bench/peers.py. On a memory-bound CPU a fused backend can beat
+the best of them by at most ~32N/28N bytes on the large workloads.
 
 End-to-end mode (--e2e): training steps per second of a small ResNet and a small ViT
 (built in code, random CIFAR-shaped data) with the base optimizer alone and with
@@ -52,12 +64,13 @@ fastsam.SAM on each backend, perturbation sub-batches of 64 and of the whole bat
 share of step time spent outside forward/backward.
 
 Defaults: CUDA if available, else CPU; every available backend (on the CPU, triton's
-interpreter mode is left out unless named); workloads resnet50, vit_b16, gpt2, tiny; fp32.
-On the CPU the reference backend is timed only on workloads up to 30M parameters unless
---full is given. A default CPU run takes minutes: measured on a shared 2-core machine
-under load 5-8, about 5 min for the ops and 5 for --e2e with two threads, 2 and 1 with
---threads 1 (on a busy CPU, two threads waiting on each other are slow and erratic). The
-big workloads allocate 1-3 GB each. --quick, --workloads and --items shorten a run.
+interpreter mode is left out unless named); workloads resnet50, vit_b16, gpt2, tiny; fp32;
+every item. On the CPU the reference backend is timed only on workloads up to 30M
+parameters unless --full is given. A default CPU run takes minutes: measured on a shared
+2-core machine under load 5-8, about 5 min for the ops and 5 for --e2e with two threads, 2
+and 1 with --threads 1 (on a busy CPU, two threads waiting on each other are slow and
+erratic); the host items and --peers add to that. The big workloads allocate 1-3 GB each.
+--quick, --workloads and --items shorten a run.
 """
 
 EPILOG = """\
@@ -65,6 +78,8 @@ examples:
   python -m fastsam.bench                                  # everything available, best device
   python -m fastsam.bench --device cpu --workloads resnet50,tiny --json r.json --csv r.csv --plot r.png
   python -m fastsam.bench --quick --workloads mini         # smoke run, seconds
+  python -m fastsam.bench --peers --items sam_substep,gsam_substep   # fastsam against the peers
+  python -m fastsam.bench --items optimizer_substep,kernels_substep --workloads resnet50,tiny   # host time
   python -m fastsam.bench --e2e --json e2e.json --plot e2e.png
   python -m fastsam.bench.report r.json                    # print a saved run again
   python -m fastsam.bench.plot r.json r.png                # plot a saved run again
@@ -88,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", help="comma-separated backend names (default: every available one)")
     p.add_argument("--workloads", help=f"comma-separated, from {', '.join(WORKLOADS)}; 'all' = the defaults")
     p.add_argument("--items", help=f"comma-separated, from {', '.join(engine.ITEMS)} (default: all)")
+    p.add_argument("--peers", action="store_true",
+                   help="also time the peer baselines (other implementations' SAM/GSAM sub-steps) on the same tensors")
     p.add_argument("--dtype", default="fp32", help="fp32 (default) or bf16")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for torch (torch.set_num_threads; default: torch's choice)")
@@ -204,44 +221,7 @@ def _check_output(path: Optional[str], option: str) -> None:
         raise UsageError(f"{option} {path}: folder {parent} does not exist")
 
 
-# -- writing results --------------------------------------------------------------------------
-
-def _clean(value):
-    """JSON without NaN/inf (strict parsers reject them): those become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
-ENV_COLUMNS = ("date", "device_name", "driver", "torch", "triton", "fastsam", "git_commit", "load_average")
-
-
-def write_csv(path: str, result: dict) -> None:
-    env = result["environment"]
-    prefix = {k: env.get(k) for k in ENV_COLUMNS}
-    prefix["load_average"] = "/".join(map(str, env["load_average"])) if env.get("load_average") else None
-    prefix["mode"] = result["kind"] + (" quick" if result["settings"].get("quick") else "")
-    rows = [{**prefix, **_clean(r)} for r in result["results"]]
-    columns = list(rows[0]) if rows else list(prefix)
-    if os.path.exists(path) and os.path.getsize(path) > 0:
-        with open(path, newline="", encoding="utf-8") as f:
-            existing = next(csv.reader(f), [])
-        if existing != columns:
-            raise UsageError(f"--csv {path} exists with other columns (a different mode or version); "
-                             "choose another file")
-        mode = "a"
-    else:
-        mode = "w"
-    with open(path, mode, newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        if mode == "w":
-            writer.writeheader()
-        writer.writerows(rows)
-
+# -- progress ---------------------------------------------------------------------------------
 
 class Progress:
     """'[k/n] message (elapsed)' lines on stderr, so a long run shows it is alive."""
@@ -268,6 +248,13 @@ def run_ops(args, device: torch.device, dtype: torch.dtype, backends: dict, note
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     items = _choose(args.items, engine.ITEMS, "item") if args.items else list(engine.ITEMS)
+    peer_names = list(peers_mod.PEERS) if args.peers else []
+    if args.peers:
+        if not set(items) & set(peers_mod.ITEMS):
+            raise UsageError(f"--peers needs the item {' or '.join(peers_mod.ITEMS)} (peers are timed on those only)")
+        if "gsam_substep" in items:
+            notes += [f"{name} has no GSAM sub-step (its original has none)"
+                      for name in peer_names if name not in peers_mod.peers_for("gsam_substep")]
     plan = []
     for w in workloads:
         names = list(backends)
@@ -279,7 +266,8 @@ def run_ops(args, device: torch.device, dtype: torch.dtype, backends: dict, note
         plan.append((w, {n: backends[n] for n in names}))
     env = environment(device)
     timer = engine.Timer(device, quick=args.quick)
-    progress = Progress(sum(len(b) for _, b in plan) * len(items), args.quiet)
+    peer_rows = sum(len(peers_mod.peers_for(i)) for i in items) if args.peers else 0
+    progress = Progress(sum(len(b) for _, b in plan) * len(items) + len(plan) * peer_rows, args.quiet)
     progress.note(f"{PROG}: {env['device_name']}, {args.dtype}, backends {', '.join(backends)}, "
                   f"workloads {', '.join(workloads)}; measuring copy bandwidth")
     copy = timer.copy_bandwidth()
@@ -287,15 +275,18 @@ def run_ops(args, device: torch.device, dtype: torch.dtype, backends: dict, note
     rows: list = []
     try:
         for w, wb in plan:
-            for row in engine.iter_workload(timer, WORKLOADS[w], wb, items, dtype, copy["GBps"], progress):
+            for row in engine.iter_workload(timer, WORKLOADS[w], wb, items, dtype, copy["GBps"], progress,
+                                            with_peers=args.peers):
                 rows.append(row)
     except KeyboardInterrupt:  # e.g. a time limit's SIGINT: keep and report what was measured
         notes.append(f"INTERRUPTED after {len(rows)} of {progress.total} measurements: results are partial")
-    engine.add_speedups(rows)
+    engine.finish_rows(rows, device.type)
     env["load_average_end"] = load_average()
     return {"fastsam_bench": 1, "kind": "ops", "environment": env,
             "settings": {"dtype": args.dtype, "quick": args.quick, "full": args.full, "workloads": workloads,
-                         "items": items, "backends": list(backends), "timer": dataclasses.asdict(timer.settings)},
+                         "items": items, "backends": list(backends), "peers": peer_names,
+                         "host_goals": [dataclasses.asdict(g) for g in host_mod.GOALS if g.device_type == device.type],
+                         "timer": dataclasses.asdict(timer.settings)},
             "copy_bandwidth": copy, "results": rows, "notes": notes}
 
 
@@ -324,8 +315,11 @@ def list_everything() -> str:
     lines = ["workloads:"]
     lines += [f"  {w.name:9s} {w.description}{'' if w.default else '  (not in the default set)'}"
               for w in WORKLOADS.values()]
-    lines += ["items:"] + [f"  {i.name:14s} {i.description} ({i.units} x N x element size bytes)"
+    lines += ["items:"] + [f"  {i.name:17s} {i.description} ({i.units} x N x element size bytes)"
                            for i in engine.ITEMS.values()]
+    lines += ["peers (--peers; items " + ", ".join(peers_mod.ITEMS) + "):"]
+    lines += [f"  {name:17s} {cls.description}{'' if cls.has_gsam else ' (no GSAM)'}"
+              for name, cls in peers_mod.PEERS.items()]
     lines += ["e2e models: " + ", ".join(e2e_mod.MODELS), "backends:"]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for name in ops.backend_names():
@@ -357,8 +351,8 @@ def main(argv=None) -> int:
             if args.threads < 1:
                 raise UsageError(f"--threads must be >= 1; got {args.threads}")
             torch.set_num_threads(args.threads)
-        if args.e2e and (args.workloads or args.items or args.full):
-            raise UsageError("--workloads, --items and --full belong to the ops mode, not --e2e (use --models)")
+        if args.e2e and (args.workloads or args.items or args.full or args.peers):
+            raise UsageError("--workloads, --items, --full and --peers belong to the ops mode, not --e2e (use --models)")
         if args.models and not args.e2e:
             raise UsageError("--models belongs to --e2e")
         for path, option in ((args.json, "--json"), (args.csv, "--csv"), (args.plot, "--plot")):
@@ -370,18 +364,16 @@ def main(argv=None) -> int:
         result["environment"]["command"] = " ".join([PROG] + list(sys.argv[1:] if argv is None else argv))
         # Files first: a reader that closes the pipe early (| head) must not lose them.
         if args.json:
-            with open(args.json, "w", encoding="utf-8") as f:
-                json.dump(_clean(result), f, indent=1)
-                f.write("\n")
+            results_mod.write_json(args.json, result)
         if args.csv:
-            write_csv(args.csv, result)
+            results_mod.write_csv(args.csv, result)
         if args.plot and result["results"]:
             plot_mod.plot(result, args.plot)
         try:
             print(report.format_result(result), flush=True)
         except BrokenPipeError:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-    except (UsageError, plot_mod.PlotUnavailableError) as exc:
+    except (UsageError, plot_mod.PlotUnavailableError, results_mod.ResultsFileError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     failed = [r for r in result["results"] if r.get("error")]

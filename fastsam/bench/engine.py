@@ -6,9 +6,15 @@ which also estimates one call's time), choose the repetitions that fill ``budget
 (clamped to ``[min_reps, max_reps]``), then time every repetition on its own: CUDA events
 around each call on the GPU, with the L2 cache overwritten before each one (not timed), or
 ``time.perf_counter`` on the CPU, whose ops are synchronous. Report the median and the 20th
-and 80th percentiles. Achieved bandwidth counts only the bytes a SAM sub-step must move
+and 80th percentiles. The implementations compared on one item are timed interleaved
+(``Timer.measure_many``): each keeps its own number of repetitions, spread evenly over the
+whole measurement. Achieved bandwidth counts only the bytes a SAM sub-step must move
 (docs/DESIGN.md: 28N bytes per fp32 sub-step) and is compared with a large device-to-device copy
 measured by the same engine, on the same device, in the same run.
+
+Besides fastsam's backends, a run can time peer baselines (fastsam.bench.peers: other
+implementations' SAM sub-steps, on the same tensors) and the host-time items
+(fastsam.bench.host: a sub-step through ``fastsam.SAM`` against its kernels alone).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
+from fastsam.bench import host, peers
 from fastsam.bench.workloads import TensorSet
 
 # -- what is measured, and how many bytes it must move ---------------------------------------
@@ -34,7 +41,7 @@ from fastsam.bench.workloads import TensorSet
 #   accumulate_   reads accum, g; writes accum (init=False)        3
 # A SAM sub-step is sumsq + perturb_ + restore_: 1 + 4 + 2 = 7 -> 28N bytes in fp32. A GSAM
 # sub-step also writes the ascent copy in perturb_ (+1) and runs gsam_reduce and
-# gsam_combine_ (+5): 13 -> 52N bytes, i.e. GSAM adds 24N (docs/DESIGN.md: "~28N").
+# gsam_combine_ (+5): 13 -> 52N bytes, i.e. GSAM adds 24N (docs/DESIGN.md, "The byte floor").
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +60,12 @@ ITEMS: dict[str, Item] = {i.name: i for i in (
     Item("accumulate_", 3, "accum <- accum + s g"),
     Item("sam_substep", 7, "SAM sub-step: sumsq + perturb_ + restore_"),
     Item("gsam_substep", 13, "GSAM sub-step: sumsq + perturb_(ascent) + restore_ + gsam_reduce + gsam_combine_"),
+    Item("optimizer_substep", 7, "SAM sub-step through fastsam.SAM: first_step + second_step, no-op base step"),
+    Item("kernels_substep", 7, "the same sub-step's kernels called directly (fastsam._C for cpp/cuda)"),
 )}
 OP_ITEMS = ("sumsq", "perturb_", "restore_", "gsam_reduce", "gsam_combine_", "accumulate_")
 STEP_ITEMS = ("sam_substep", "gsam_substep")
+HOST_ITEMS = host.ITEMS
 RHO, ALPHA, ACCUM_SCALE = 0.05, 0.1, 0.25
 
 
@@ -72,6 +82,8 @@ def make_call(item: str, backend, ts: TensorSet) -> Callable[[], object]:
     overflows in thousands of calls. Scalars (sumsq, GSAM statistics) that a timed op
     consumes are computed once, before timing, by the same backend.
     """
+    if item in HOST_ITEMS:
+        return host.make_call(item, backend.name, backend, ts, RHO)
     b, w, g, bk, asc, acc = backend, ts.params, ts.grads, ts.backups, ts.ascent, ts.accum
     if item == "sumsq":
         return lambda: b.sumsq(g)
@@ -253,6 +265,71 @@ class Timer:
                 gc.enable()
         return Timing(tuple(times))
 
+    def measure_many(self, fns: list) -> list:
+        """Warm each of ``fns`` up, then time them all in one interleaved sequence: a Timing
+        each, or the exception that function raised (the others go on).
+
+        Each keeps the repetitions its own calibration chose; the next call is always the
+        one furthest behind on its own repetitions, so every function's calls are spread
+        evenly over the whole measurement and a change of machine load falls on all of them
+        alike (on a shared 2-core machine, timing backends one after the other moved their
+        medians by up to 2x against each other between runs).
+        """
+        plan: list = []
+        for fn in fns:
+            try:
+                plan.append(self.calibrate(fn)[0])
+            except Exception as exc:  # noqa: BLE001 -- reported in that function's row
+                plan.append(exc)
+        times: list[list[float]] = [[] for _ in fns]
+        active = [i for i, p in enumerate(plan) if not isinstance(p, Exception)]
+        one = (lambda fn: self._time_cuda(fn, 1)[0]) if self.device.type == "cuda" else (lambda fn: self._time_host(fn, 1)[0])
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            while active:
+                i = min(active, key=lambda j: len(times[j]) / plan[j])
+                try:
+                    times[i].append(one(fns[i]))
+                except Exception as exc:  # noqa: BLE001
+                    plan[i] = exc
+                if isinstance(plan[i], Exception) or len(times[i]) >= plan[i]:
+                    active.remove(i)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+        return [p if isinstance(p, Exception) else Timing(tuple(t)) for p, t in zip(plan, times)]
+
+    def enqueue_times(self, fn: Callable[[], object], estimate_ms: float) -> dict:
+        """GPU host time: ``fn`` called back to back without waiting for the device.
+
+        host_ms: the time to queue one call (calls queued / their number); wall_ms: the time
+        per call including the final wait for the device. ``calls`` fill ~20 ms (1 to 50),
+        in 5 rounds (3 in quick mode or where 5 would take over a second); median, p20, p80
+        of the rounds' host_ms and the median wall_ms. On the CPU both are the call's time.
+        """
+        calls = max(1, min(50, int(20.0 / estimate_ms))) if estimate_ms > 0 else 50
+        rounds = 3 if self.settings.min_reps < 5 or 5 * calls * estimate_ms > 1e3 else 5
+        hosts, walls = [], []
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for _ in range(rounds):
+                self.sync()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                queued = time.perf_counter()
+                self.sync()
+                done = time.perf_counter()
+                hosts.append((queued - start) / calls * 1e3)
+                walls.append((done - start) / calls * 1e3)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+        return {"host_ms": quantile(hosts, 0.5), "host_p20_ms": quantile(hosts, 0.2),
+                "host_p80_ms": quantile(hosts, 0.8), "wall_ms": quantile(walls, 0.5)}
+
     def _time_cuda(self, fn, reps: int) -> list[float]:
         with torch.cuda.device(self.device):  # events and flush on the measured device's stream
             starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
@@ -294,6 +371,11 @@ def gbps(nbytes: int, ms: float) -> float:
 # -- one workload, every backend ---------------------------------------------------------------
 
 TIMING_KEYS = ("median_ms", "p20_ms", "p80_ms", "min_ms", "reps", "spread_pct")
+HOST_TIMING_KEYS = ("host_ms", "host_p20_ms", "host_p80_ms", "wall_ms")
+# Every row has every key (None where it does not apply), so JSON and CSV rows line up.
+ROW_KEYS = ("workload", "backend", "kind", "item", "dtype", "numel", "tensors", "bytes", *TIMING_KEYS,
+            *HOST_TIMING_KEYS, "error", "GBps", "pct_copy_bw", "speedup_vs_reference", "speedup_vs_foreach",
+            "best_peer", "speedup_vs_best_peer", *host.SUMMARY_KEYS)
 
 
 def derive(row: dict, copy_gbps: float) -> dict:
@@ -307,50 +389,131 @@ def derive(row: dict, copy_gbps: float) -> dict:
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """speedup_vs_<base> = median of <base> / median of the row, for the same workload and item."""
+    """speedup_vs_<base> = median of <base> / median of the row, for the same workload and item;
+    best_peer = the fastest peer there and speedup_vs_best_peer = its median / the row's."""
     medians = {(r["workload"], r["item"], r["backend"]): r["median_ms"] for r in rows}
+    best: dict = {}
     for r in rows:
+        if r.get("kind") == "peer" and r["median_ms"]:
+            key = (r["workload"], r["item"])
+            if key not in best or r["median_ms"] < best[key][1]:
+                best[key] = (r["backend"], r["median_ms"])
+    for r in rows:
+        mine = r["median_ms"]
         for base in ("reference", "foreach"):
             other = medians.get((r["workload"], r["item"], base))
-            mine = r["median_ms"]
             r[f"speedup_vs_{base}"] = other / mine if other and mine else None
+        peer, peer_ms = best.get((r["workload"], r["item"]), (None, None))
+        r["best_peer"] = peer
+        r["speedup_vs_best_peer"] = peer_ms / mine if peer_ms and mine else None
+
+
+def finish_rows(rows: list[dict], device_type: str) -> None:
+    """The derived columns of a whole run: speed-ups, best peers, and the host-time summary and goals."""
+    add_speedups(rows)
+    host.summarize(rows, device_type)
 
 
 def run_workload(timer: Timer, workload, backends: dict, items, dtype: torch.dtype, copy_gbps: float,
-                 progress: Optional[Callable[[str], None]] = None) -> list[dict]:
-    """Measure every item with every backend on one workload."""
-    return list(iter_workload(timer, workload, backends, items, dtype, copy_gbps, progress))
+                 progress: Optional[Callable[[str], None]] = None, with_peers: bool = False) -> list[dict]:
+    """Measure every item with every backend (and peer) on one workload."""
+    return list(iter_workload(timer, workload, backends, items, dtype, copy_gbps, progress, with_peers))
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
 
 def iter_workload(timer: Timer, workload, backends: dict, items, dtype: torch.dtype, copy_gbps: float,
-                  progress: Optional[Callable[[str], None]] = None):
-    """Yield one row per (item, backend) as soon as it is measured (so an interrupted run keeps them).
+                  progress: Optional[Callable[[str], None]] = None, with_peers: bool = False):
+    """Yield one row per (item, backend or peer), item by item (an interrupted run keeps the items done).
 
-    Item-major order: the backends compared on one item are measured back to back, so a
-    change in machine load between items does not fall on one backend only. A backend
-    that raises does not end the run: its row carries ``error`` and no timing, so that one
-    broken kernel cannot lose the other backends' numbers.
+    On each item, every backend (and, with ``with_peers``, every peer that has that
+    sub-step: peer:loop has no GSAM) is timed in one interleaved measurement
+    (``Timer.measure_many``), so a change in machine load falls on all of them alike. The
+    host items are one such measurement when the first of them is reached: every backend's
+    optimizer and kernels sub-steps. A backend that raises does not end the run: its row
+    carries ``error`` and no timing, so that one broken kernel cannot lose the other
+    backends' numbers.
     """
     ts = TensorSet(workload, timer.device, dtype)
+    peer_set = peers.make_peers() if with_peers else {}
+    host_items = [i for i in items if i in HOST_ITEMS]
+
+    def new_row(name: str, kind: str, item: str) -> dict:
+        row = dict.fromkeys(ROW_KEYS)
+        row.update(workload=workload.name, backend=name, kind=kind, item=item,
+                   dtype=str(dtype).replace("torch.", ""), numel=ts.numel, tensors=len(ts.params),
+                   bytes=bytes_moved(item, ts.numel, ts.element_size))
+        return row
+
+    def finished(row: dict) -> dict:
+        derive(row, copy_gbps)
+        if progress is not None:
+            label = f"{workload.name:9s} {row['backend']:16s} {row['item']:17s}"
+            if row["error"]:
+                progress(f"{label} FAILED: {row['error']}")
+            else:
+                host_time = f", host {row['host_ms'] * 1e3:.0f} us" if row["host_ms"] is not None else ""
+                progress(f"{label} {row['median_ms']:10.3f} ms ({row['pct_copy_bw']:5.1f}% of copy bw, "
+                         f"{row['reps']} reps{host_time})")
+        return row
+
     for item in items:
-        for backend_name, backend in backends.items():
-            row = {"workload": workload.name, "backend": backend_name, "item": item,
-                   "dtype": str(dtype).replace("torch.", ""), "numel": ts.numel,
-                   "tensors": len(ts.params), "bytes": bytes_moved(item, ts.numel, ts.element_size)}
+        if item in HOST_ITEMS:
+            if item == host_items[0]:
+                yield from _host_rows(timer, ts, backends, host_items, new_row, finished)
+            continue
+        entries = [(new_row(name, "backend", item), lambda b=backend: make_call(item, b, ts))
+                   for name, backend in backends.items()]
+        entries += [(new_row(name, "peer", item), lambda p=peer_set[name]: peers.make_call(item, p, ts, RHO, ALPHA))
+                    for name in (peers.peers_for(item) if with_peers else [])]
+        rows, fns = [], []
+        for row, make in entries:
             try:
-                row.update(timer.measure(make_call(item, backend, ts)).summary())
-                row["error"] = None
+                fns.append(make())
+                rows.append(row)
             except Exception as exc:  # recorded in the row; the caller decides the exit status
-                row.update({key: None for key in TIMING_KEYS})
-                row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-            derive(row, copy_gbps)
-            if progress is not None:
-                if row["error"]:
-                    progress(f"{workload.name:9s} {backend_name:10s} {item:14s} FAILED: {row['error']}")
-                else:
-                    progress(f"{workload.name:9s} {backend_name:10s} {item:14s} {row['median_ms']:10.3f} ms "
-                             f"({row['pct_copy_bw']:5.1f}% of copy bw, {row['reps']} reps)")
-            yield row
-    del ts
+                row["error"] = _error(exc)
+                yield finished(row)
+        _fill(rows, timer.measure_many(fns))
+        for row in rows:
+            yield finished(row)
+    del ts, peer_set
     if timer.device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _fill(rows: list[dict], timings: list) -> None:
+    for row, timing in zip(rows, timings):
+        if isinstance(timing, Exception):
+            row["error"] = _error(timing)
+        else:
+            row.update(timing.summary())
+
+
+def _host_rows(timer: Timer, ts: TensorSet, backends: dict, items: list, new_row, finished):
+    """The host items' rows of every backend, timed in one interleaved measurement (on a GPU
+    followed by each call's host time)."""
+    rows, fns = [], []
+    for backend_name, backend in backends.items():
+        mine = [new_row(backend_name, "backend", item) for item in items]
+        try:
+            calls = host.make_calls(backend_name, backend, ts, RHO)
+        except Exception as exc:
+            for row in mine:
+                row["error"] = _error(exc)
+                yield finished(row)
+            continue
+        rows += mine
+        fns += [calls[item] for item in items]
+    _fill(rows, timer.measure_many(fns))
+    if timer.device.type == "cuda":
+        for row, fn in zip(rows, fns):
+            if row["error"] is None:
+                try:
+                    row.update(timer.enqueue_times(fn, row["median_ms"]))
+                except Exception as exc:
+                    row["error"] = _error(exc)
+    for row in rows:
+        yield finished(row)

@@ -1,7 +1,8 @@
 """Plots of benchmark results (matplotlib is an optional extra: ``pip install 'fastsam[plot]'``).
 
 Ops results: one column per workload; top row the median time of each item (log scale),
-bottom row its achieved bandwidth as % of the measured copy bandwidth; one bar per backend.
+bottom row its achieved bandwidth as % of the measured copy bandwidth; one bar per backend
+(peers, where timed, hatched).
 End-to-end results: one column per model; steps/s and the share of step time outside
 forward/backward, per configuration. ``python -m fastsam.bench.plot RESULT.json OUT.png``
 draws a saved run again. matplotlib is imported here only.
@@ -30,12 +31,13 @@ def require_matplotlib():
     return plt
 
 
-def _grouped_bars(ax, groups: list[str], series: dict, log: bool = False):
+def _grouped_bars(ax, groups: list[str], series: dict, log: bool = False, hatched=()):
     n = max(1, len(series))
     width = 0.8 / n
     for i, (label, values) in enumerate(series.items()):
         xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, [v if v is not None else 0.0 for v in values], width, label=label)
+        ax.bar(xs, [v if v is not None else 0.0 for v in values], width, label=label,
+               hatch="//" if label in hatched else None)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=45, ha="right", fontsize=7)
     if log:
@@ -60,6 +62,7 @@ def plot_ops(result: dict, path: str) -> None:
     rows = result["results"]
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     backends = list(dict.fromkeys(r["backend"] for r in rows))
+    peer_names = {r["backend"] for r in rows if r.get("kind") == "peer"}  # drawn hatched
     items = list(dict.fromkeys(r["item"] for r in rows))
     cell = {(r["workload"], r["item"], r["backend"]): r for r in rows}
     fig, axes = plt.subplots(2, len(workloads), figsize=(max(6.5, 4.2 * len(workloads) + 1), 8), squeeze=False)
@@ -67,9 +70,9 @@ def plot_ops(result: dict, path: str) -> None:
         times = {b: [cell[(w, i, b)]["median_ms"] if (w, i, b) in cell else None for i in items] for b in backends}
         pct = {b: [cell[(w, i, b)]["pct_copy_bw"] if (w, i, b) in cell else None for i in items] for b in backends}
         first = next(r for r in rows if r["workload"] == w)
-        _grouped_bars(axes[0][col], items, times, log=True)
+        _grouped_bars(axes[0][col], items, times, log=True, hatched=peer_names)
         axes[0][col].set_title(f"{w} ({_size(first['numel'])} params, {first['tensors']} tensors)", fontsize=9)
-        _grouped_bars(axes[1][col], items, pct)
+        _grouped_bars(axes[1][col], items, pct, hatched=peer_names)
         axes[1][col].axhline(100.0, color="black", lw=0.8, ls="--")
     axes[0][0].set_ylabel("median time (ms, log)")
     axes[1][0].set_ylabel("% of measured copy bandwidth")

@@ -9,7 +9,10 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 from typing import Optional
+
+from fastsam.bench.results import ResultsFileError, write_csv
 
 
 def _num(value, fmt: str, missing: str = "-") -> str:
@@ -37,27 +40,96 @@ def _table(header: list[str], rows: list[list[str]], right: Optional[set] = None
 
 
 def headline_table(result: dict, item: str = "sam_substep") -> str:
-    """One line per workload, one column per backend: median ms [% of copy bandwidth]."""
+    """One line per workload, one column per backend: median ms [% of copy bandwidth]; with peers
+    in the run also the best peer and each non-reference backend's speed-up over it."""
     rows = [r for r in result["results"] if r["item"] == item]
     if not rows:
         return ""
-    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    mine = [r for r in rows if r.get("kind", "backend") == "backend"]
+    backends = list(dict.fromkeys(r["backend"] for r in mine))
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     cells = {(r["workload"], r["backend"]): r for r in rows}
+    with_peers = any(r.get("kind") == "peer" for r in rows)
+    compared = [b for b in backends if b != "reference"] if with_peers else []
     body = []
     for w in workloads:
         first = next(r for r in rows if r["workload"] == w)
         line = [w, _millions(first["numel"]), str(first["tensors"])]
-        for b in backends:
-            r = cells.get((w, b))
-            if r is None:
-                line.append("-")
-            elif r["median_ms"] is None:
-                line.append("FAILED")
-            else:
-                line.append(f"{r['median_ms']:.3f} [{r['pct_copy_bw']:.0f}%]")
+        line += [_time_cell(cells.get((w, b))) for b in backends]
+        if with_peers:
+            best = first.get("best_peer")
+            line += [best or "-", _time_cell(cells.get((w, best))) if best else "-"]
+            line += [_num(cells[(w, b)].get("speedup_vs_best_peer"), ".2f") + "x" if (w, b) in cells
+                     and cells[(w, b)].get("speedup_vs_best_peer") else "-" for b in compared]
         body.append(line)
-    return _table(["workload", "params", "tensors"] + [f"{b} ms [%bw]" for b in backends], body, right=set(range(1, 3 + len(backends))))
+    header = ["workload", "params", "tensors"] + [f"{b} ms [%bw]" for b in backends]
+    if with_peers:
+        header += ["best peer", "peer ms [%bw]"] + [f"{b} vs peer" for b in compared]
+    return _table(header, body, right=set(range(1, len(header))) - ({3 + len(backends)} if with_peers else set()))
+
+
+def _time_cell(r: Optional[dict]) -> str:
+    if r is None:
+        return "-"
+    if r["median_ms"] is None:
+        return "FAILED"
+    return f"{r['median_ms']:.3f} [{r['pct_copy_bw']:.0f}%]"
+
+
+def peers_table(result: dict) -> str:
+    """One line per (workload, item), one column per peer: median ms [% of copy bandwidth]."""
+    rows = [r for r in result["results"] if r.get("kind") == "peer"]
+    if not rows:
+        return ""
+    names = list(dict.fromkeys(r["backend"] for r in rows))
+    keys = list(dict.fromkeys((r["workload"], r["item"]) for r in rows))
+    cells = {(r["workload"], r["item"], r["backend"]): r for r in rows}
+    body = [[w, i] + [_time_cell(cells.get((w, i, n))) for n in names] for w, i in keys]
+    return _table(["workload", "item"] + [f"{n} ms [%bw]" for n in names], body, right=set(range(2, 2 + len(names))))
+
+
+PEER_CAP_NOTE = (
+    "On a memory-bound machine a fused backend's lead over the best peer is capped by the bytes: "
+    "the best-effort foreach peer moves 32N bytes per fp32 SAM sub-step on the CPU (norm 4N, backup copy 8N, "
+    "in-place update 12N, restore 8N; 40N on a GPU, where it must scale the gradient first) against the fused "
+    "floor of 28N, so on the large workloads expect at most ~32N/28N = 1.14x on the CPU (~1.43x on a GPU). "
+    "GSAM: 72N (GPU 96N) against 52N. Larger leads come from per-tensor overhead (tiny) or from a peer "
+    "running below the machine's bandwidth.")
+
+
+def host_table(result: dict) -> str:
+    """One line per (workload, backend) of the host items: optimizer vs kernels, host time, goal."""
+    rows = [r for r in result["results"] if r["item"] == "optimizer_substep"]
+    if not rows:
+        return ""
+    kernels = {(r["workload"], r["backend"]): r for r in result["results"] if r["item"] == "kernels_substep"}
+    gpu = result["environment"].get("device_type") == "cuda"
+    body = []
+    for r in rows:
+        k = kernels.get((r["workload"], r["backend"]))
+        met = r.get("goal_met")
+        line = [r["workload"], r["backend"], _num(r["median_ms"], ".3f", "FAILED"),
+                _num(k["median_ms"] if k else None, ".3f", "FAILED" if k else "-"),
+                _num(r.get("optimizer_vs_kernels"), ".2f"),
+                _num(r["host_overhead_ms"] * 1e3 if r.get("host_overhead_ms") is not None else None, ".0f"),
+                _num(r.get("host_pct"), ".1f")]
+        if gpu:
+            line.insert(6, _num(k["host_ms"] * 1e3 if k and k.get("host_ms") is not None else None, ".0f"))
+        line += [r.get("goal") or "", "" if not r.get("goal") else ("-" if met is None else "yes" if met else "NO")]
+        body.append(line)
+    header = ["workload", "backend", "optimizer ms", "kernels ms", "opt/kernels", "host us", "host %", "goal", "met"]
+    if gpu:
+        header[5] = "opt host us"
+        header.insert(6, "kernels host us")
+    return _table(header, body, right=set(range(2, len(header) - 2)))
+
+
+HOST_TITLE_CPU = ("Host time: one SAM sub-step through fastsam.SAM (first_step + second_step, no-op base step, "
+                  "check_finite off) against the same kernels called directly, timed interleaved; "
+                  "host = optimizer - kernels (CPU ops are synchronous)")
+HOST_TITLE_GPU = ("Host time: one SAM sub-step through fastsam.SAM (first_step + second_step, no-op base step, "
+                  "check_finite off) against the same kernels called directly, timed interleaved; ms = device time "
+                  "(CUDA events), host us = time to queue one sub-step, host % = of the optimizer's device time")
 
 
 def ops_table(result: dict) -> str:
@@ -69,14 +141,15 @@ def ops_table(result: dict) -> str:
     body, previous = [], None
     for r in rows:
         if previous is not None and (r["workload"], r["item"]) != previous:
-            body.append([""] * 10)
+            body.append([""] * 12)
         previous = (r["workload"], r["item"])
         body.append([r["workload"], r["item"], r["backend"], _num(r["median_ms"], ".3f", "FAILED"),
                      _pct(r["spread_pct"]), _num(r["reps"], "d"), _num(r["GBps"], ".1f"),
                      _num(r["pct_copy_bw"], ".1f"), _num(r.get("speedup_vs_reference"), ".2f"),
-                     _num(r.get("speedup_vs_foreach"), ".2f")])
+                     _num(r.get("speedup_vs_foreach"), ".2f"), _num(r.get("speedup_vs_best_peer"), ".2f"),
+                     _num(r["host_ms"] * 1e3 if r.get("host_ms") is not None else None, ".0f")])
     return _table(["workload", "item", "backend", "median ms", "spread", "reps", "GB/s", "% copy",
-                   "x ref", "x foreach"], body, right=set(range(3, 10)))
+                   "x ref", "x foreach", "x peer", "host us"], body, right=set(range(3, 12)))
 
 
 def e2e_table(result: dict) -> str:
@@ -113,9 +186,17 @@ def format_result(result: dict, brief: bool = False) -> str:
             table = headline_table(result, item)
             if table:
                 out += ["", title + ": median ms [% of copy bandwidth]", table]
+        if any(r.get("kind") == "peer" for r in result["results"]):
+            out += ["", "Peers (fastsam.bench.peers): median ms [% of copy bandwidth]", peers_table(result),
+                    textwrap.fill(PEER_CAP_NOTE, 110)]
+        table = host_table(result)
+        if table:
+            gpu = result["environment"].get("device_type") == "cuda"
+            out += ["", textwrap.fill(HOST_TITLE_GPU if gpu else HOST_TITLE_CPU, 110), table]
         if not brief:
             out += ["", "All measurements (median over reps after warm-up; spread = (p80 - p20) / median; "
-                    "x ref / x foreach = speed-up)", ops_table(result)]
+                    "x ref / x foreach / x peer = speed-up over reference, foreach, the best peer; "
+                    "host us = GPU time to queue one call)", ops_table(result)]
     else:
         out += ["", "End-to-end training steps (% outside = share of step time outside forward/backward)",
                 e2e_table(result)]
@@ -139,10 +220,9 @@ def main(argv=None) -> int:
         result = json.load(f)
     print(format_result(result, brief=args.brief))
     if args.csv:
-        from fastsam.bench.cli import UsageError, write_csv
         try:
             write_csv(args.csv, result)
-        except UsageError as exc:
+        except ResultsFileError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     return 0

@@ -145,6 +145,16 @@ class TensorSet:
         self.backups = [p.clone() for p in self.params]
         self.accum = [torch.zeros_like(p) for p in self.params]
 
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """New ``nn.Parameter`` objects on the storage of ``params``, each with ``.grad`` = the
+        matching gradient: what ``fastsam.SAM`` is given when the optimizer itself is timed."""
+        out = []
+        for p, g in zip(self.params, self.grads):
+            param = torch.nn.Parameter(p)
+            param.grad = g
+            out.append(param)
+        return out
+
     @property
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)

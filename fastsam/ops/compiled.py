@@ -12,12 +12,13 @@ The extension is loaded on first use of a backend, never by ``import fastsam``.
 from __future__ import annotations
 
 import importlib
+import weakref
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from fastsam.ops import BackendUnavailableError, backend_from_functions, check_exponents
+from fastsam.ops import BackendUnavailableError, MissingGrad, backend_from_functions, check_exponents
 
 BUILD_HINT = ("reinstall fastsam with `pip install --no-build-isolation -e .` after installing torch "
               "and ninja (a C++ compiler is needed; see README.md)")
@@ -111,7 +112,6 @@ def _listed(tensors):
         return tensors
     grads = tensors.tensors()
     if any(g is None for g in grads):
-        from fastsam.plan import MissingGrad
         raise MissingGrad(f"{sum(g is None for g in grads)} parameter(s) of the bucket have no gradient")
     return grads
 
@@ -133,23 +133,30 @@ def param_signature(params: list):
     return tuple((p.numel(), p.requires_grad, p.dtype, p.device) for p in params)
 
 
-def grad_stamps(params: list):
-    """Which gradient tensors the parameters hold, at which version counters, as one comparable value."""
+class _PythonGradRecord:
+    """GradRecord without the extension: weak references to the gradient tensors and their versions."""
+
+    def __init__(self, params: list):
+        self._grads = [None if p.grad is None else (weakref.ref(p.grad), p.grad._version) for p in params]
+
+    def compare(self, params: list) -> tuple[int, int]:
+        unchanged = present = 0
+        for p, record in zip(params, self._grads):
+            if p.grad is None:
+                continue
+            present += 1
+            unchanged += record is not None and record[0]() is p.grad and record[1] == p.grad._version
+        present += sum(p.grad is not None for p in params[len(self._grads):])
+        return unchanged, present
+
+
+def grad_record(params: list):
+    """A record of which gradient tensors the parameters hold, at which versions (``.compare(params)``
+    -> (unchanged, present)); a C++ pass where the extension is built."""
     module = load_extension()
     if module is not None:
-        return module._grad_stamps(params)
-    return tuple(None if p.grad is None else (id(p.grad), p.grad._version) for p in params)
-
-
-def stale_count(old, new) -> tuple[int, int]:
-    """(parameters whose gradient is unchanged between two grad_stamps, parameters with a gradient now)."""
-    if isinstance(new, bytes):
-        a = torch.frombuffer(bytearray(old), dtype=torch.int64).view(-1, 2)
-        b = torch.frombuffer(bytearray(new), dtype=torch.int64).view(-1, 2)
-        present = b[:, 0] != 0
-        return int(((a == b).all(1) & present).sum()), int(present.sum())
-    present = [s is not None for s in new]
-    return sum(1 for x, y, p in zip(old, new, present) if p and x == y), sum(present)
+        return module.GradRecord(params)
+    return _PythonGradRecord(params)
 
 
 def clear_grads(params: list) -> None:
@@ -205,7 +212,7 @@ def sumsq(tensors: Sequence[Tensor], params: Optional[Sequence[Tensor]] = None, 
 def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], backups: Sequence[Tensor],
              sumsq: Tensor, rho: float, a: int = 0, b: int = 0, eta: float = 0.0,
              eps: float = 1e-12, ascent: Optional[Sequence[Tensor]] = None,
-             ascent_sumsq: Optional[Tensor] = None) -> None:
+             ascent_sumsq: Optional[Tensor] = None, seed: Optional[Tensor] = None) -> None:
     check_exponents(a, b)
     if not len(params):
         return
@@ -218,10 +225,10 @@ def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], backups: Sequenc
     sumsq = _device_scalar(sumsq, params[0])
     eager = _eager()
     if eager is not None and eager.perturb_(params, grads, backups, sumsq, float(rho), a, float(eta), float(eps),
-                                            ascent_list, ascent_sumsq) is not NotImplemented:
+                                            ascent_list, ascent_sumsq, seed) is not NotImplemented:
         return
     _ops().perturb_(params, _listed(grads), backups, sumsq, float(rho), a, float(eta), float(eps), ascent_list,
-                    ascent_sumsq)
+                    ascent_sumsq, seed)
 
 
 def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:

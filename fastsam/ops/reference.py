@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastsam.ops import backend_from_functions, check_exponents
+from fastsam.ops import backend_from_functions, check_exponents, rounding
 
 
 def _upcast(t: Tensor) -> Tensor:
@@ -52,7 +52,7 @@ def sumsq(tensors: Sequence[Tensor], params: Optional[Sequence[Tensor]] = None, 
 def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], backups: Sequence[Tensor],
              sumsq: Tensor, rho: float, a: int = 0, b: int = 0, eta: float = 0.0,
              eps: float = 1e-12, ascent: Optional[Sequence[Tensor]] = None,
-             ascent_sumsq: Optional[Tensor] = None) -> None:
+             ascent_sumsq: Optional[Tensor] = None, seed: Optional[Tensor] = None) -> None:
     check_exponents(a, b)
     scale = rho * _inverse_norm(sumsq, eps)
     ascent_scale = _inverse_norm(ascent_sumsq, eps) if ascent_sumsq is not None else None
@@ -63,7 +63,12 @@ def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], backups: Sequenc
                 ascent[i].copy_(g32 * ascent_scale if ascent_scale is not None else g)
             step = scale * _adaptive_scale(w, eta, a) * g32
             backup.copy_(w)
-            w.copy_(_upcast(w) + step)
+            perturbed = _upcast(w) + step
+            if seed is not None and w.dtype in rounding.LOW_PRECISION:
+                partners = [g, backup] + ([ascent[i]] if ascent is not None else [])
+                index = rounding.walk_index(w, partners)
+                perturbed = rounding.stochastically_rounded(perturbed, w.dtype, seed.to(w.device), i, index)
+            w.copy_(perturbed)
 
 
 def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:

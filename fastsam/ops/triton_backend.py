@@ -227,8 +227,8 @@ class _DevicePlan:
 class _Entry:
     """A validated launch for one set of tensors: offsets table, alignment, plan."""
 
-    table: Tensor  # [tensors, roles] int64 element offsets from each role's base tensor
-    n_roles: int
+    table: Tensor  # [tensors, roles + 1] int64 element offsets from each role's base tensor, then list positions
+    n_roles: int  # columns of the table (the kernels' ROLES): the roles, then the positions
     base_index: int  # index (in the caller's lists) of the base tensor of every role
     aligned: bool  # every address 16-byte aligned: 128-bit accesses are safe
     plan: _DevicePlan
@@ -438,10 +438,11 @@ def _build_entry(lists, device, blocking) -> Optional[_Entry]:
         offsets = [ts[i].data_ptr() - base for i in keep]
         aligned = aligned and base % 16 == 0 and all(o % 16 == 0 for o in offsets)
         columns.append([o // size for o in offsets])
+    columns.append(keep)  # the last column: each tensor's position in the caller's lists
     # tensor-major: a tensor's offsets for all roles share a cache line
     table = _to_device(torch.tensor(columns, dtype=torch.int64).t().contiguous(), device)
     plan = _device_plan(device, blocking, tuple(numels[i] for i in keep))
-    return _Entry(table, len(lists), base_index, aligned, plan)
+    return _Entry(table, len(columns), base_index, aligned, plan)
 
 
 def _prepare(lists, names, modes) -> Optional[_Launch]:
@@ -549,7 +550,7 @@ def sumsq(tensors: Sequence[Tensor], params: Optional[Sequence[Tensor]] = None, 
 def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], backups: Sequence[Tensor],
              sumsq: Tensor, rho: float, a: int = 0, b: int = 0, eta: float = 0.0,
              eps: float = 1e-12, ascent: Optional[Sequence[Tensor]] = None,
-             ascent_sumsq: Optional[Tensor] = None) -> None:
+             ascent_sumsq: Optional[Tensor] = None, seed: Optional[Tensor] = None) -> None:
     check_exponents(a, b)
     has_ascent = ascent is not None
     lists = (params, grads, backups) + ((ascent,) if has_ascent else ())
@@ -559,13 +560,18 @@ def perturb_(params: Sequence[Tensor], grads: Sequence[Tensor], backups: Sequenc
     sumsq = _device_scalar(sumsq, launch.device, "sumsq")
     normalize = has_ascent and ascent_sumsq is not None
     ascent_sumsq = _device_scalar(ascent_sumsq, launch.device, "ascent_sumsq") if normalize else sumsq
+    stochastic = seed is not None and launch.bases[0].dtype != torch.float32
+    if stochastic:
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise TypeError(f"seed must be a one-element int64 tensor; got {seed.dtype} of shape {tuple(seed.shape)}")
+        seed = _device_scalar(seed, launch.device, "seed")
     w_base, g_base, backup_base = launch.bases[:3]
     ascent_base = launch.bases[3] if has_ascent else w_base
     with launch.guard():
         _kernels().perturb_kernel[launch.grid](
             w_base, g_base, backup_base, ascent_base, *launch.plan_args(), sumsq, ascent_sumsq,
-            float(rho), float(eta), float(eps), A=a, HAS_ASCENT=has_ascent, NORMALIZE_ASCENT=normalize,
-            **launch.sizes())
+            seed if stochastic else sumsq, float(rho), float(eta), float(eps), A=a, HAS_ASCENT=has_ascent,
+            NORMALIZE_ASCENT=normalize, STOCHASTIC=stochastic, **launch.sizes())
     launch.finish()
 
 

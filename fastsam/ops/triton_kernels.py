@@ -96,8 +96,52 @@ def _sumsq_body(g_ptrs, w_ptrs, valid, eta, B: tl.constexpr):
 
 
 @triton.jit
-def _perturb_body(w_ptrs, g_ptrs, backup_ptrs, ascent_ptrs, valid, scale, ascent_scale, eta,
-                  A: tl.constexpr, HAS_ASCENT: tl.constexpr, NORMALIZE_ASCENT: tl.constexpr):
+def _fmix32(x):
+    """MurmurHash3's 32-bit finaliser on uint32 values (csrc/math.h: fmix32)."""
+    x = x ^ (x >> 16)
+    x = x * 0x85EBCA6B
+    x = x ^ (x >> 13)
+    x = x * 0xC2B2AE35
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _rounding_bits(seed_ptr, tensor, element):
+    """Random bits of (seed, tensor, element), as csrc/math.h's rounding_key/rounding_bits."""
+    seed = tl.load(seed_ptr).to(tl.int64)
+    low = seed.to(tl.uint32)
+    high = (seed >> 32).to(tl.uint32)
+    element = element.to(tl.int64)
+    key = _fmix32(_fmix32(_fmix32(_fmix32(tensor.to(tl.uint32) ^ 0x9E3779B9) ^ high) ^ low)
+                  ^ (element >> 32).to(tl.uint32))
+    return _fmix32(element.to(tl.uint32) ^ key)
+
+
+@triton.jit
+def _stochastically_rounded(x, bits, dtype: tl.constexpr):
+    """fp32 ``x`` to bf16/fp16 ``dtype``: the nearest value r, or the other neighbour o with
+    probability |x - r| / |o - r| (csrc/math.h: stochastically_rounded)."""
+    if dtype == tl.bfloat16:
+        # round to nearest even on the bits: the interpreter's float-to-bf16 cast truncates
+        x_bits = x.to(tl.uint32, bitcast=True)
+        r = ((x_bits + 0x7FFF + ((x_bits >> 16) & 1)) >> 16).to(tl.uint16).to(dtype, bitcast=True)
+    else:
+        r = x.to(dtype)
+    rf = r.to(tl.float32)
+    r_bits = r.to(tl.uint16, bitcast=True)
+    magnitude = r_bits & 0x7FFF
+    o_bits = (r_bits & 0x8000) | tl.where(tl.abs(x) > tl.abs(rf), magnitude + 1, magnitude - 1)
+    o = o_bits.to(tl.uint16).to(dtype, bitcast=True)
+    p = tl.div_rn(tl.abs(x - rf), tl.abs(o.to(tl.float32) - rf))
+    u = (bits >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
+    keep = (rf == x) | (u >= p) | (p != p)
+    return tl.where(x != x, x.to(dtype), tl.where(keep, r, o))
+
+
+@triton.jit
+def _perturb_body(w_ptrs, g_ptrs, backup_ptrs, ascent_ptrs, valid, scale, ascent_scale, eta, seed_ptr, tensor,
+                  element, A: tl.constexpr, HAS_ASCENT: tl.constexpr, NORMALIZE_ASCENT: tl.constexpr,
+                  STOCHASTIC: tl.constexpr):
     w = _load(w_ptrs, valid)
     g_raw = _load(g_ptrs, valid)
     g = g_raw.to(tl.float32)
@@ -116,7 +160,11 @@ def _perturb_body(w_ptrs, g_ptrs, backup_ptrs, ascent_ptrs, valid, scale, ascent
     else:
         t = tl.abs(w32) + eta
         step = (scale * (t * t)) * g
-    _store(w_ptrs, w32 + step, valid)
+    if STOCHASTIC:
+        bits = _rounding_bits(seed_ptr, tensor, element)
+        _store(w_ptrs, _stochastically_rounded(w32 + step, bits, w_ptrs.dtype.element_ty), valid)
+    else:
+        _store(w_ptrs, w32 + step, valid)
 
 
 @triton.jit
@@ -151,7 +199,8 @@ def _accumulate_body(acc_ptrs, g_ptrs, valid, scale, INIT: tl.constexpr):
 
 # -- kernels: one program per chunk, then the lane programs ------------------------------
 # Every kernel takes the same plan arguments after its base tensors (table ... n_lanes),
-# and ROLES, the number of roles (columns of the table) it was given.
+# and ROLES, the number of columns of the table: one per role it was given, then one with
+# each tensor's position in the caller's lists.
 # Names differ between the two branches on purpose: the compiler merges variables
 # assigned in both branches of a runtime `if`, and a scalar cannot merge with a block.
 
@@ -183,10 +232,14 @@ def sumsq_kernel(g_base, w_base,
 @triton.jit(do_not_specialize=_SIZES)
 def perturb_kernel(w_base, g_base, backup_base, ascent_base,
                    table, chunk_tensor, chunk_index, lane_tensor, lane_element, n_chunks, n_lanes,
-                   sumsq_ptr, ascent_sumsq_ptr, rho, eta, eps,
+                   sumsq_ptr, ascent_sumsq_ptr, seed_ptr, rho, eta, eps,
                    A: tl.constexpr, HAS_ASCENT: tl.constexpr, NORMALIZE_ASCENT: tl.constexpr,
+                   STOCHASTIC: tl.constexpr,
                    ROLES: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr, ALIGNED: tl.constexpr):
-    """backup <- w; w <- w + rho T^A g / (sqrt(sumsq) + eps); roles: 0 w, 1 g, 2 backup, 3 ascent."""
+    """backup <- w; w <- w + rho T^A g / (sqrt(sumsq) + eps); roles: 0 w, 1 g, 2 backup, 3 ascent.
+
+    STOCHASTIC: bf16/fp16 results are rounded stochastically with the bits of (*seed_ptr,
+    tensor position, element index)."""
     scale = rho * _inverse_norm(sumsq_ptr, eps)  # read on the device: the host never waits
     if NORMALIZE_ASCENT:
         ascent_scale = _inverse_norm(ascent_sumsq_ptr, eps)
@@ -200,9 +253,11 @@ def perturb_kernel(w_base, g_base, backup_base, ascent_base,
             ascent_ptrs = _chunk_ptrs(ascent_base, table, ROLES, 3, t, element, ALIGNED)
         else:
             ascent_ptrs = w_ptrs  # unused
+        position = tl.load(table + (t * ROLES + ROLES - 1))  # t indexes the non-empty tensors only
         _perturb_body(w_ptrs, _chunk_ptrs(g_base, table, ROLES, 1, t, element, ALIGNED),
                       _chunk_ptrs(backup_base, table, ROLES, 2, t, element, ALIGNED), ascent_ptrs,
-                      None, scale, ascent_scale, eta, A, HAS_ASCENT, NORMALIZE_ASCENT)
+                      None, scale, ascent_scale, eta, seed_ptr, position, element, A, HAS_ASCENT,
+                      NORMALIZE_ASCENT, STOCHASTIC)
     else:
         lt, lelement, valid = _lane_coords(lane_tensor, lane_element, n_chunks, n_lanes, pid, LANES)
         lw_ptrs = _lane_ptrs(w_base, table, ROLES, 0, lt, lelement, valid)
@@ -210,9 +265,11 @@ def perturb_kernel(w_base, g_base, backup_base, ascent_base,
             lascent_ptrs = _lane_ptrs(ascent_base, table, ROLES, 3, lt, lelement, valid)
         else:
             lascent_ptrs = lw_ptrs  # unused
+        lposition = tl.load(table + (lt * ROLES + ROLES - 1), mask=valid, other=0)
         _perturb_body(lw_ptrs, _lane_ptrs(g_base, table, ROLES, 1, lt, lelement, valid),
                       _lane_ptrs(backup_base, table, ROLES, 2, lt, lelement, valid), lascent_ptrs,
-                      valid, scale, ascent_scale, eta, A, HAS_ASCENT, NORMALIZE_ASCENT)
+                      valid, scale, ascent_scale, eta, seed_ptr, lposition, lelement, A, HAS_ASCENT,
+                      NORMALIZE_ASCENT, STOCHASTIC)
 
 
 @triton.jit(do_not_specialize=_SIZES)
