@@ -247,8 +247,13 @@ setup(
         "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "matplotlib", "mnist1d", "scikit-learn"],
         "plot": ["matplotlib"],
         "experiments": ["matplotlib", "mnist1d", "scikit-learn"],
+        # the trainer integrations (fastsam.integrations); they import nothing until used
+        "lightning": ["pytorch-lightning>=2.0,<3"],
+        "transformers": ["transformers>=4.46", "accelerate>=0.34"],
+        "timm": ["timm>=1.0"],
     },
-    entry_points={"console_scripts": ["fastsam-bench = fastsam.bench.cli:main"]},
+    entry_points={"console_scripts": ["fastsam-bench = fastsam.bench.cli:main",
+                                      "fastsam-verify = fastsam.verify:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

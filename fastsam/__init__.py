@@ -27,4 +27,15 @@ __all__ = [
     "available_backends",
     "BackendUnavailableError",
     "lr_proportional_rho",
+    "verify",
 ]
+
+
+def __getattr__(name: str):
+    # fastsam.verify (the function and `python -m fastsam.verify`) and fastsam.integrations
+    # load on first use: neither is needed to train, and the integrations import trainers.
+    if name in ("verify", "integrations", "tolerances"):
+        import importlib
+
+        return importlib.import_module(f"fastsam.{name}")
+    raise AttributeError(f"module 'fastsam' has no attribute {name!r}")
