@@ -235,7 +235,7 @@ def test_backend_auto_reports_its_choice(caplog):
 
 def test_unavailable_backend_fails_at_construction():
     name = "unavailable-for-test"
-    fake = ops.Backend(name, *(lambda *a, **k: None,) * 6,
+    fake = ops.Backend(name, *(lambda *a, **k: None,) * len(ops.OP_NAMES),
                        unavailable_reason=lambda device: "it needs X; install X to use it")
     ops.register_backend(fake)
     try:
@@ -247,7 +247,7 @@ def test_unavailable_backend_fails_at_construction():
 
 def test_backend_refuses_a_dtype_it_does_not_support():
     name = "fp32-only-for-test"
-    ops.register_backend(ops.Backend(name, *(lambda *a, **k: None,) * 6,
+    ops.register_backend(ops.Backend(name, *(lambda *a, **k: None,) * len(ops.OP_NAMES),
                                      unavailable_reason=lambda device: None, dtypes=(torch.float32,)))
     try:
         with pytest.raises(ops.BackendUnavailableError, match="does not support torch.float64"):

@@ -1,6 +1,6 @@
 """The ops contract and the registry of backends that implement it.
 
-Every backend implements the same six functions on *lists* of tensors that share one
+Every backend implements the same functions on *lists* of tensors that share one
 device and one dtype (the optimizer groups them). Data-dependent scalars stay 0-d fp32
 device tensors so that a GPU step never waits for the host. Math is fp32 for fp32, bf16
 and fp16 tensors (fp64 for float64 tensors, where a backend supports them); results are
@@ -31,8 +31,27 @@ accepts; "auto" picks per (device, dtype).
 ``accumulate_(accum, grads, scale, init=False)``
     ``accum <- scale * g`` if ``init`` else ``accum + scale * g``.
 
+The efficient variants (docs/ALGORITHMS.md §9) add three ops:
+
+``looksam_project_(gv, grads, ascent, stats, weight, init=False, eps=1e-12)``
+    LookSAM's refresh: ``gv <- (0 if init else gv) + weight * (g_s - c * g)`` with
+    ``c = <g, g_s> / (sqrt(||g||^2) + eps)^2``; ``grads`` are g_s (the descent gradient),
+    ``ascent`` is g (the clean gradient), ``stats`` is ``[<g_s, g>, ||g||^2]``, i.e.
+    ``gsam_reduce(g_s, g)`` summed over all groups.
+
+``looksam_combine_(grads, gv, grad_sumsq, gv_sumsq, alpha, eps=1e-12)``
+    LookSAM's reuse step: ``g <- g + alpha * sqrt(grad_sumsq) / (sqrt(gv_sumsq) + eps) * gv``
+    (``grad_sumsq`` and ``gv_sumsq`` 0-d device tensors).
+
+``friendly_direction_(direction, ema, grads, sigma, lam, init=False) -> Tensor``
+    Friendly SAM's ascent direction and gradient EMA in one pass: with ``init``
+    ``direction <- g; ema <- g``, else ``direction <- g - sigma * ema`` (the old EMA), then
+    ``ema <- lam * ema + (1 - lam) * g``. Returns the fp32 (fp64 for float64) 0-d sum of
+    squares of the stored (rounded) direction.
+
 ``a`` is 0, 1 or 2 and ``b`` is 0 or 1 (docs/ALGORITHMS.md §2); ``rho``, ``eta``, ``eps``,
-``alpha`` and ``scale`` are Python floats.
+``alpha``, ``scale``, ``weight``, ``sigma`` and ``lam`` are Python floats (``rho`` may be
+negative: Momentum-SAM perturbs against its momentum with ``perturb_``).
 """
 
 from __future__ import annotations
@@ -43,7 +62,8 @@ from typing import Callable, Optional
 
 import torch
 
-OP_NAMES = ("sumsq", "perturb_", "restore_", "gsam_reduce", "gsam_combine_", "accumulate_")
+OP_NAMES = ("sumsq", "perturb_", "restore_", "gsam_reduce", "gsam_combine_", "accumulate_",
+            "looksam_project_", "looksam_combine_", "friendly_direction_")
 
 # Order in which backend="auto" tries backends, by device type. The fused backends come
 # first once they are registered; "foreach" is the portable fallback, "reference" is for
@@ -77,6 +97,9 @@ class Backend:
     gsam_reduce: Callable
     gsam_combine_: Callable
     accumulate_: Callable
+    looksam_project_: Callable
+    looksam_combine_: Callable
+    friendly_direction_: Callable
     unavailable_reason: Callable[[torch.device], Optional[str]]
     dtypes: tuple = ALL_FLOAT_DTYPES
     # True when the ops also take a ``fastsam._C.GradsOf`` view (gradients read in C++

@@ -267,6 +267,19 @@ def accumulate_(accum: Sequence[Tensor], grads: Sequence[Tensor], scale: float,
         _ops().accumulate_(accum, _listed(grads), float(scale), bool(init))
 
 
+# -- the efficient variants' bookkeeping: kernels not written yet --
+
+def _not_yet(op):
+    def missing(*args, **kwargs):
+        raise NotImplementedError(f"fastsam: the {op} kernels of this backend are not built yet; use 'foreach'")
+    return missing
+
+
+looksam_project_ = _not_yet("looksam_project_")
+looksam_combine_ = _not_yet("looksam_combine_")
+friendly_direction_ = _not_yet("friendly_direction_")
+
+
 # The kernels compute in fp32; the contract computes float64 tensors in fp64, which
 # "auto" then leaves to foreach.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
