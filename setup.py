@@ -30,8 +30,8 @@ DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 CSRC = "csrc"
 CPU_SOURCES = ["ops.cpp", "plan.cpp", "tensor_lists.cpp", "cpu_kernels.cpp", "eager.cpp", "list_signature.cpp",
-               "grads_view.cpp"]
-CUDA_SOURCES = ["cuda_ops.cpp", "cuda_kernels.cu"]
+               "grads_view.cpp", "variant_ops.cpp", "variant_cpu.cpp", "variant_eager.cpp"]
+CUDA_SOURCES = ["cuda_ops.cpp", "cuda_kernels.cu", "variant_cuda.cpp", "variant_kernels.cu"]
 
 
 def _archs_before_volta(arch_list):

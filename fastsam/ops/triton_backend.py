@@ -621,17 +621,7 @@ def accumulate_(accum: Sequence[Tensor], grads: Sequence[Tensor], scale: float,
     launch.finish()
 
 
-# -- the efficient variants' bookkeeping: kernels not written yet --
-
-def _not_yet(op):
-    def missing(*args, **kwargs):
-        raise NotImplementedError(f"fastsam: the {op} kernels of this backend are not built yet; use 'foreach'")
-    return missing
-
-
-looksam_project_ = _not_yet("looksam_project_")
-looksam_combine_ = _not_yet("looksam_combine_")
-friendly_direction_ = _not_yet("friendly_direction_")
-
+# the efficient variants' ops, on this module's launch machinery (imported last: it uses it)
+from fastsam.ops.triton_variants import friendly_direction_, looksam_combine_, looksam_project_  # noqa: E402
 
 BACKEND = backend_from_functions("triton", globals(), unavailable_reason, SUPPORTED_DTYPES)

@@ -1,0 +1,129 @@
+"""The efficient variants' ops (looksam_project_, looksam_combine_, friendly_direction_) of every
+backend against the reference backend, on test_ops' tensor sets: odd sizes (0, 1, 3, 4097,
+278011, more than one kernel chunk), 2000 tiny tensors and non-contiguous views (whose
+neighbouring elements must stay untouched), in every dtype; and the reference itself
+against numbers worked out by hand.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastsam import ops
+from fastsam.ops import reference
+from tests.conftest import DTYPES, assert_close_scaled, assert_lists_close, backend_cases, fast_backends
+from tests.test_ops import KINDS, Case
+
+
+@pytest.mark.parametrize("device,name", backend_cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("weight,init", [(0.375, True), (0.625, False)])
+def test_looksam_project(device, name, dtype, kind, weight, init):
+    case = Case(kind, dtype, device)
+    backend = ops.get_backend(name, device)
+    g_s, g = case.grads, case.grads2
+    stats = reference.gsam_reduce(g_s, g)  # [<g_s, g>, ||g||^2]
+    c = abs(stats[0].item()) / (stats[1].sqrt().item() + 1e-12) ** 2
+    results = []
+    for impl in (reference, backend):
+        gv = case.clone_params()  # previous g_v (used unless init)
+        impl.looksam_project_(gv, g_s, g, stats, weight, init, 1e-12)
+        results.append(gv)
+        if case.owners:
+            case.check_outside_untouched(gv)
+    magnitudes = [weight * (s.double().abs() + c * a.double().abs()) + (0.0 if init else v.double().abs())
+                  for s, a, v in zip(g_s, g, case.params)]
+    assert_lists_close(results[1], results[0], magnitudes)
+
+
+@pytest.mark.parametrize("device,name", backend_cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_looksam_combine(device, name, dtype, kind):
+    case = Case(kind, dtype, device)
+    backend = ops.get_backend(name, device)
+    gv = case.grads2
+    grad_sumsq, gv_sumsq = reference.sumsq(case.params), reference.sumsq(gv)
+    alpha = 0.7
+    coefficient = alpha * grad_sumsq.sqrt().item() / (gv_sumsq.sqrt().item() + 1e-12)
+    results = []
+    for impl in (reference, backend):
+        grads = case.clone_params()  # the gradients being combined: written in place (views too)
+        impl.looksam_combine_(grads, gv, grad_sumsq, gv_sumsq, alpha, 1e-12)
+        results.append(grads)
+        if case.owners:
+            case.check_outside_untouched(grads)
+    magnitudes = [g.double().abs() + coefficient * v.double().abs() for g, v in zip(case.params, gv)]
+    assert_lists_close(results[1], results[0], magnitudes)
+
+
+@pytest.mark.parametrize("device,name", backend_cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("init", [True, False])
+def test_friendly_direction(device, name, dtype, kind, init):
+    case = Case(kind, dtype, device)
+    backend = ops.get_backend(name, device)
+    sigma, lam = 0.8, 0.9
+    outputs = []
+    for impl in (reference, backend):
+        direction = [torch.full_like(p, 7.0) for p in case.clone_params()]  # overwritten: any values will do
+        ema = case.clone_params()  # the old EMA: the parameters' values, in their layout
+        total = impl.friendly_direction_(direction, ema, case.grads, sigma, lam, init)
+        outputs.append((direction, ema, total))
+        if case.owners:
+            case.check_outside_untouched(ema)
+    (ref_d, ref_m, ref_total), (got_d, got_m, got_total) = outputs
+    if init:
+        for d, m, g in zip(got_d, got_m, case.grads):
+            assert torch.equal(d, g) and torch.equal(m, g), "init copies g into direction and EMA bit-exactly"
+    else:
+        assert_lists_close(got_d, ref_d, [g.double().abs() + sigma * m.double().abs()
+                                          for g, m in zip(case.grads, case.params)])
+        assert_lists_close(got_m, ref_m, [lam * m.double().abs() + (1 - lam) * g.double().abs()
+                                          for g, m in zip(case.grads, case.params)])
+    assert got_total.dtype == torch.float32 and got_total.dim() == 0 and got_total.device.type == device
+    assert_close_scaled(got_total, ref_total, 0.0, dtype, reduction=True)
+    # the norm is of the stored (rounded) direction, as perturb_ will read it
+    assert_close_scaled(got_total, reference.sumsq(got_d), 0.0, dtype, reduction=True)
+    for i in range(min(len(got_d), 10)):  # each tensor alone: a lost tail cannot hide in the total
+        d, m = [torch.empty_like(got_d[i])], [case.clone_params()[i]]
+        one = backend.friendly_direction_(d, m, [case.grads[i]], sigma, lam, init)
+        assert_close_scaled(one, reference.sumsq(d), 0.0, dtype, reduction=True)
+
+
+@pytest.mark.parametrize("name", ["reference"] + fast_backends("cpu"))
+def test_variant_ops_on_empty_lists_and_tensors(name):
+    backend = ops.get_backend(name, "cpu")
+    backend.looksam_project_([], [], [], torch.zeros(2), 1.0, True)
+    backend.looksam_combine_([], [], torch.tensor(1.0), torch.tensor(1.0), 0.5)
+    assert backend.friendly_direction_([], [], [], 1.0, 0.9).item() == 0.0
+    empty = [torch.empty(0), torch.empty(2, 0)]
+    backend.looksam_project_(empty, empty, empty, torch.tensor([1.0, 2.0]), 1.0, False)
+    backend.looksam_combine_(empty, empty, torch.tensor(1.0), torch.tensor(1.0), 0.5)
+    assert backend.friendly_direction_([torch.empty(0)], [torch.empty(0)], [torch.empty(0)], 1.0, 0.9).item() == 0.0
+
+
+def test_reference_variant_formulas_match_closed_forms():
+    g = [torch.tensor([1.0, 0.0]), torch.tensor([0.0])]
+    g_s = [torch.tensor([2.0, 3.0]), torch.tensor([4.0])]
+    # <g, g_s> = 2, ||g||^2 = 1: g_v = g_s - 2 g = (0, 3, 4)
+    stats = reference.gsam_reduce(g_s, g)
+    assert stats.tolist() == [2.0, 1.0]
+    gv = [torch.empty(2), torch.empty(1)]
+    reference.looksam_project_(gv, g_s, g, stats, 1.0, True, 0.0)
+    assert gv[0].tolist() == [0.0, 3.0] and gv[1].tolist() == [4.0]
+    reference.looksam_project_(gv, g_s, g, stats, 0.5, False, 0.0)  # + 0.5 (0, 3, 4)
+    assert gv[0].tolist() == [0.0, 4.5] and gv[1].tolist() == [6.0]
+    # combine: ||grad|| = 5, ||g_v|| = 2 (g_v = (0, 2)): grad + 0.5 * 5/2 * (0, 2) = (3, 4 + 2.5)
+    grads = [torch.tensor([3.0, 4.0])]
+    reference.looksam_combine_(grads, [torch.tensor([0.0, 2.0])], torch.tensor(25.0), torch.tensor(4.0), 0.5, 0.0)
+    assert grads[0].tolist() == [3.0, 6.5]
+    # friendly: d = g - 0.5 m = (1 - 1, 2 + 1) = (0, 3); m = 0.9 m + 0.1 g = (1.9, -1.6)
+    d, m = [torch.empty(2)], [torch.tensor([2.0, -2.0])]
+    total = reference.friendly_direction_(d, m, [torch.tensor([1.0, 2.0])], 0.5, 0.9)
+    torch.testing.assert_close(d[0], torch.tensor([0.0, 3.0]))
+    torch.testing.assert_close(m[0], torch.tensor([1.9, -1.6]))
+    assert total.item() == pytest.approx(9.0)
