@@ -15,6 +15,10 @@ from fastsam.ops import reference
 from tests.conftest import DTYPES, assert_close_scaled, assert_lists_close, backend_cases, fast_backends
 from tests.test_ops import KINDS, Case
 
+VARIANT_OP_NAMES = ("looksam_project_", "looksam_combine_", "friendly_direction_")
+needs_ext = pytest.mark.skipif(not fast_backends("cpu") or "cpp" not in fast_backends("cpu"),
+                               reason="fastsam._C is not built")
+
 
 @pytest.mark.parametrize("device,name", backend_cases())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -127,3 +131,81 @@ def test_reference_variant_formulas_match_closed_forms():
     torch.testing.assert_close(d[0], torch.tensor([0.0, 3.0]))
     torch.testing.assert_close(m[0], torch.tensor([1.9, -1.6]))
     assert total.item() == pytest.approx(9.0)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=needs_ext),
+                                    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+                                        not torch.cuda.is_available(), reason="no CUDA device")])])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_variant_ops(device, dtype):
+    """torch.library.opcheck: schemas, fake (meta) kernels and aliasing of the registered ops."""
+    gen = torch.Generator().manual_seed(5)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    shapes = [(5,), (3, 4), (0,), (70,)]
+    a, b, c = ([randn(*s) for s in shapes] for _ in range(3))
+    strided = [randn(8, 6)[:, ::2], randn(5, 7).t()]
+    strided_b = [randn(8, 3), randn(7, 5)]
+    stats = torch.tensor([0.5, 2.0], device=device)
+    one = torch.tensor(1.5, device=device)
+    f = torch.ops.fastsam
+    cases = [
+        (f.looksam_project_, (a, b, c, stats, 0.5, True, 1e-12)),
+        (f.looksam_project_, (strided, strided_b, strided_b, stats, 0.25, False, 1e-12)),
+        (f.looksam_combine_, (a, b, one, one, 0.7, 1e-12)),
+        (f.looksam_combine_, (strided, strided_b, one, one, 0.7, 1e-12)),
+        (f.friendly_direction_, (a, b, c, 1.0, 0.9, False)),
+        (f.friendly_direction_, ([torch.empty_like(t) for t in strided], strided, strided_b, 0.5, 0.6, True)),
+    ]
+    ran = set()
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+        ran.add(str(op).split(".")[-1])
+    assert ran == set(VARIANT_OP_NAMES)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_variant_eager_and_dispatcher_paths_agree_bitwise(monkeypatch, dtype):
+    """csrc/variant_eager.cpp against torch.ops.fastsam: the same bits, version counters bumped,
+    and a GradsOf view of the gradients read like a list of them."""
+    from fastsam.ops import compiled
+    from tests.test_compiled_eager import NoOps, tensors
+    backend = ops.get_backend("cpp", "cpu")
+
+    def run_all(eager_path: bool):
+        gv, gs, g = tensors(seed=1, dtype=dtype), tensors(seed=2, dtype=dtype), tensors(seed=3, dtype=dtype)
+        params = [torch.nn.Parameter(t.clone(), requires_grad=True) for t in g]
+        for p, t in zip(params, gs):
+            p.grad = t.clone()
+        grads_view = compiled.grads_view(params)
+        stats = backend.gsam_reduce(gs, g)
+        versions = [t._version for t in gv]
+        backend.looksam_project_(gv, grads_view, g, stats, 0.5, False, 1e-12)
+        if eager_path:  # like torch's in-place ops (the dispatcher's path leaves it to torch)
+            assert [t._version for t in gv] == [v + 1 for v in versions]
+        backend.looksam_combine_(grads_view, gv, backend.sumsq(gs), backend.sumsq(gv), 0.7, 1e-12)
+        direction, ema = [torch.empty_like(t) for t in g], tensors(seed=4, dtype=dtype)
+        total = backend.friendly_direction_(direction, ema, grads_view, 0.8, 0.9, False)
+        return [stats, total] + gv + [p.grad for p in params] + direction + ema
+
+    with monkeypatch.context() as m:
+        m.setattr(compiled, "_ops", lambda: NoOps())
+        eager = run_all(True)
+    with monkeypatch.context() as m:
+        m.setattr(compiled, "_eager", lambda: None)
+        dispatched = run_all(False)
+    for a, b in zip(eager, dispatched):
+        assert torch.equal(a, b)
+
+
+@needs_ext
+def test_variant_ops_refuse_to_write_tensors_that_require_grad_in_grad_mode():
+    backend = ops.get_backend("cpp", "cpu")
+    p = torch.nn.Parameter(torch.randn(5))
+    with pytest.raises(RuntimeError, match="under torch.no_grad"):
+        backend.looksam_combine_([p], [torch.ones(5)], torch.tensor(1.0), torch.tensor(1.0), 0.5)
+    with pytest.raises(RuntimeError, match="the lists must match one to one"):
+        backend.friendly_direction_([torch.zeros(3)] * 2, [torch.zeros(3)], [torch.zeros(3)], 1.0, 0.9)

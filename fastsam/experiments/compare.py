@@ -46,9 +46,14 @@ OBF_C, OBF_GAMMA = 1000.0, 1e-12  # docs/ALGORITHMS.md §4: reference for convne
 EVERY_K = 4  # a SAM step every 4th step: 1.25 gradient evaluations per step
 RST_P = 0.25  # RST / SS-SAM: Bernoulli(0.25) per step: 1.25 on average
 LOOKSAM_K, LOOKSAM_ALPHA = 5, 0.7  # LookSAM's defaults: 1.2
+# alpha rescales the stored orthogonal component to alpha ||g||; measured here, ||g_v|| / ||g_s||
+# at refresh steps is about 0.15 (0.29 at the first refresh), so 0.7 overstates it ~5x: also run
+# 0.2, the value Momentum-SAM's authors used for their LookSAM baseline
+LOOKSAM_SMALL_ALPHA = 0.2
 FSAM_SIGMA, FSAM_LAMBDA = 1.0, 0.9  # Friendly SAM's defaults
-ESAM_BETA, ESAM_GAMMA = 0.6, 0.5  # ESAM's CIFAR settings
-EFFICIENT_METHODS = (f"Every-{EVERY_K}", f"RST-{RST_P:g}", "AE-SAM", "LookSAM", "MSAM", "F-SAM", "ESAM", "SAM-ON")
+ESAM_BETA, ESAM_GAMMA = 0.6, 0.5  # ESAM's CIFAR settings; ESAM-SWP: the weight perturbation alone (gamma = 1)
+EFFICIENT_METHODS = (f"Every-{EVERY_K}", f"RST-{RST_P:g}", "AE-SAM", "LookSAM", f"LookSAM-a{LOOKSAM_SMALL_ALPHA:g}",
+                     "MSAM", "F-SAM", "ESAM", "ESAM-SWP", "SAM-ON")
 METHODS = ("SGD", "SAM", "ASAM", "GSAM", "OBF", "OBF+GSAM", "RandSAM") + EFFICIENT_METHODS
 # method -> rho candidates for tuning (the first is the default without tuning, e.g. in
 # --quick). ASAM's rho lives on the scale of |w|-weighted steps (docs/ALGORITHMS.md §2: ~10x SAM's);
@@ -137,12 +142,14 @@ def build_efficient(method: str, params, rho: float, base: dict, seed: int, mode
         return fastsam.SAM(params, sgd, rho=rho, schedule=fastsam.schedules.Adaptive(total_steps), **base)
     if method == "LookSAM":
         return fastsam.LookSAM(params, sgd, rho=rho, k=LOOKSAM_K, alpha=LOOKSAM_ALPHA, **base)
+    if method == f"LookSAM-a{LOOKSAM_SMALL_ALPHA:g}":
+        return fastsam.LookSAM(params, sgd, rho=rho, k=LOOKSAM_K, alpha=LOOKSAM_SMALL_ALPHA, **base)
     if method == "MSAM":
         return fastsam.MomentumSAM(params, sgd, rho=rho, **base)
     if method == "F-SAM":
         return fastsam.FriendlySAM(params, sgd, rho=rho, sigma=FSAM_SIGMA, lmbda=FSAM_LAMBDA, **base)
-    if method == "ESAM":
-        return fastsam.ESAM(params, sgd, rho=rho, beta=ESAM_BETA, gamma=ESAM_GAMMA,
+    if method in ("ESAM", "ESAM-SWP"):
+        return fastsam.ESAM(params, sgd, rho=rho, beta=ESAM_BETA, gamma=ESAM_GAMMA if method == "ESAM" else 1.0,
                             generator=torch.Generator().manual_seed(30_000 + seed), **base)
     if method == "SAM-ON":
         return fastsam.SAM(fastsam.normalization_params(model), sgd, rho=rho, **base)
@@ -409,7 +416,7 @@ def main(argv=None) -> int:
                     gsam_rho_min_fraction=GSAM_RHO_MIN_FRACTION, asam_eta=ASAM_ETA, obf_C=OBF_C,
                     obf_gamma=OBF_GAMMA, rho_grids=args.rho_grids, rho_from=RHO_FROM,
                     every_k=EVERY_K, rst_p=RST_P, ae_sam="Adaptive(total_steps): delta 0.9, lambda1 -1, lambda2 1",
-                    looksam_k=LOOKSAM_K, looksam_alpha=LOOKSAM_ALPHA, fsam_sigma=FSAM_SIGMA, fsam_lambda=FSAM_LAMBDA,
+                    looksam_k=LOOKSAM_K, looksam_alpha=LOOKSAM_ALPHA, looksam_small_alpha=LOOKSAM_SMALL_ALPHA, fsam_sigma=FSAM_SIGMA, fsam_lambda=FSAM_LAMBDA,
                     esam_beta=ESAM_BETA, esam_gamma=ESAM_GAMMA,
                     chosen_rho={config_name(*k): v for k, v in chosen.items()}),
                 machine=dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),

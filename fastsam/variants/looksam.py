@@ -7,11 +7,15 @@ not per tensor). The steps in between run one forward/backward and step with
 ``g + alpha * (||g|| / ||g_v||) * g_v``. docs/ALGORITHMS.md §9.
 
 With perturbation sub-batches (``train_step(micro_batch=...)``) each sub-batch of a refresh
-step contributes its own projection, weighted by its share of the batch (g_v is their
-weighted sum), and each sub-batch of a reuse step is combined with its own ||g|| before it is
-accumulated (so clipping and data-parallel averaging see the combined gradient). g_v lives
-in per-parameter state (``state_dict``), and a data-parallel caller averages it together
-with the gradients on refresh steps (:meth:`LookSAM.load_accumulated_grads`).
+step contributes its own projection, weighted by its share of the batch: g_v is the weighted
+sum of the sub-batches' orthogonal components, as the step's SAM gradient is the weighted sum
+of theirs. A reuse step combines the step's accumulated gradient once, with its norm: in
+:meth:`LookSAM.load_accumulated_grads`, i.e. before clipping and before a data-parallel
+caller averages it (each rank then uses its own ||g||). (Combining every sub-batch with its
+own, larger ||g_i|| instead added alpha times the mean sub-batch norm along one fixed
+direction, and training on MNIST-1D with 16-example sub-batches collapsed to chance.) g_v
+lives in per-parameter state (``state_dict``); a data-parallel caller averages it together
+with the gradients on refresh steps.
 """
 
 from __future__ import annotations
@@ -119,6 +123,8 @@ class LookSAM(SAM):
         if self._refresh and self._gv_started:
             for b in self._active():
                 flats.extend(self._gv.collective(b))
+        elif self._refresh is False and not self._step_combined:
+            self._combine()  # the step's gradient is complete (before clipping and averaging)
         return flats
 
     # -- reuse steps: one pass, then g + alpha ||g|| / ||g_v|| g_v --
@@ -164,8 +170,10 @@ class LookSAM(SAM):
                 self._gv_broken = True
             return result
         try:
+            # without accumulation this pass is the step's gradient: combine it now; with it,
+            # load_accumulated_grads() combines the sum
             return scheduled.plain_sub_step(self, run_pass, Pass.PLAIN, weight=weight, sync=sync,
-                                            after_backward=self._combine)
+                                            after_backward=self._combine if weight is None else None)
         except BaseException:
             self.abort()
             raise
