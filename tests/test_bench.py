@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fastsam import ops
-from fastsam.bench import cli, engine, workloads
+from fastsam.bench import cli, engine, variants, workloads
 from fastsam.bench.engine import ITEMS, OP_ITEMS, Timer, bytes_moved, quantile
 
 QUICK = ["--device", "cpu", "--workloads", "mini", "--quick", "--quiet"]
@@ -106,8 +106,7 @@ def test_cuda_without_cuda_is_a_clear_error(capsys):
 
 def test_unavailable_backend_is_a_clear_error(monkeypatch, capsys):
     reference = ops.get_backend("reference", "cpu")
-    broken = ops.Backend(**{**{f: getattr(reference, f) for f in ("sumsq", "perturb_", "restore_", "gsam_reduce",
-                                                                    "gsam_combine_", "accumulate_")},
+    broken = ops.Backend(**{**{f: getattr(reference, f) for f in ops.OP_NAMES},
                             "name": "fake", "unavailable_reason": lambda device: "it was never built"})
     monkeypatch.setitem(ops._REGISTRY, "fake", broken)
     assert cli.main(QUICK + ["--backends", "fake"]) == 2
@@ -138,7 +137,7 @@ def test_a_failing_backend_is_recorded_and_the_others_still_run(monkeypatch, tmp
         raise RuntimeError("kernel exploded")
 
     monkeypatch.setitem(ops._REGISTRY, "flaky", ops.Backend(**{
-        **{f: getattr(foreach, f) for f in ("sumsq", "restore_", "gsam_reduce", "gsam_combine_", "accumulate_")},
+        **{f: getattr(foreach, f) for f in ops.OP_NAMES if f != "perturb_"},
         "perturb_": broken_perturb, "name": "flaky", "unavailable_reason": lambda device: None}))
     out = tmp_path / "r.json"
     assert cli.main(QUICK + ["--backends", "foreach,flaky", "--json", str(out)]) == 1
@@ -161,7 +160,7 @@ def test_bytes_follow_the_design_floor():
     assert bytes_moved("gsam_substep", n, 4) - bytes_moved("sam_substep", n, 4) == 24 * n  # "GSAM adds ~28N"
     parts = ("sumsq", "perturb_", "restore_")
     assert sum(bytes_moved(p, n, 4) for p in parts) == bytes_moved("sam_substep", n, 4)
-    assert set(OP_ITEMS) == set(ops.OP_NAMES)
+    assert set(OP_ITEMS) | set(variants.OP_ITEMS) == set(ops.OP_NAMES)  # variants: fastsam/bench/variants.py
 
 
 def test_workload_shapes_match_the_published_parameter_counts():
