@@ -1,4 +1,4 @@
-"""Friendly SAM (Li, Zhou, Li, Huang, Suykens, Wang, "Friendly Sharpness-Aware Minimization", CVPR 2024).
+"""Friendly SAM (Li, Zhou, He, Cheng, Huang, "Friendly Sharpness-Aware Minimization", CVPR 2024).
 
 The ascent direction is the stochastic gradient minus an EMA of past gradients, which
 removes the full-batch gradient component and keeps the batch-specific noise:
@@ -29,7 +29,9 @@ class FriendlySAM(SAM):
     ``FriendlySAM(params, base_optimizer, rho=0.05, sigma=1.0, lmbda=0.9, **options_and_base_kwargs)``
     (``lmbda`` as the authors call it; their published runs use 0.6 and 0.95). ASAM
     (``adaptive``) applies to the perturbation as in the authors' code; GSAM, RandSAM and
-    ``schedule`` are refused. The EMA is per-parameter state in ``state_dict``.
+    ``schedule`` are refused. The EMA is per-parameter state in ``state_dict``. A step whose
+    gradient is inf/nan (skipped by a GradScaler, or refused by ``check_finite``) restarts the
+    EMA at the next step, which the inf/nan would otherwise poison for good.
     """
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, *, sigma: float = 1.0, lmbda: float = 0.9,
@@ -88,6 +90,23 @@ class FriendlySAM(SAM):
         else:
             total = global_sum(kept, parts)
         return kept, directions, total
+
+    # -- an inf/nan gradient must not stay in the EMA --
+
+    def first_step(self, zero_grad: bool = False, skip_nonfinite: bool = False) -> bool:
+        """As SAM's; when ``skip_nonfinite`` finds the direction inf/nan (the EMA has taken the
+        same values), the EMA starts over at the next step (m = g, as at step 1)."""
+        perturbed = super().first_step(zero_grad=zero_grad, skip_nonfinite=skip_nonfinite)
+        if not perturbed:
+            self._ema.clear()
+        return perturbed
+
+    def base_step(self, scaler=None):
+        try:
+            return super().base_step(scaler)
+        except FloatingPointError:  # check_finite refused the step: the EMA may hold inf/nan too
+            self._ema.clear()
+            raise
 
     # -- checkpoints --
 

@@ -9,9 +9,11 @@ not per tensor). The steps in between run one forward/backward and step with
 With perturbation sub-batches (``train_step(micro_batch=...)``) each sub-batch of a refresh
 step contributes its own projection, weighted by its share of the batch: g_v is the weighted
 sum of the sub-batches' orthogonal components, as the step's SAM gradient is the weighted sum
-of theirs. A reuse step combines the step's accumulated gradient once, with its norm: in
-:meth:`LookSAM.load_accumulated_grads`, i.e. before clipping and before a data-parallel
-caller averages it (each rank then uses its own ||g||). (Combining every sub-batch with its
+of theirs. A reuse step combines the step's complete gradient once, with its norm, at the
+start of ``base_step()``: after the sub-batches are accumulated and a data-parallel caller
+has averaged them (so DDP gives the same step as one process with the ranks' data as
+sub-batches), and after ``train_step``'s clipping (``max_grad_norm`` bounds g; the combined
+gradient's norm is then at most (1 + alpha) times it). (Combining every sub-batch with its
 own, larger ||g_i|| instead added alpha times the mean sub-batch norm along one fixed
 direction, and training on MNIST-1D with 16-example sub-batches collapsed to chance.) g_v
 lives in per-parameter state (``state_dict``); a data-parallel caller averages it together
@@ -42,7 +44,7 @@ class LookSAM(SAM):
 
     In a two-step loop ask :meth:`perturbs_this_step` after the first backward: on a refresh
     step call ``first_step()`` / ``second_step()``; on a reuse step call ``base_step()``, which
-    combines the gradient first. Under a GradScaler, a refresh step whose gradients were
+    (always) combines the gradient first. Under a GradScaler, a refresh step whose gradients were
     inf/nan leaves no usable g_v and the next step refreshes again; checking that costs one
     host synchronisation at the first step after each refresh (none without a scaler).
     """
@@ -63,18 +65,25 @@ class LookSAM(SAM):
         self._refresh: Optional[bool] = None  # whether this step refreshes (decided at its start)
         self._gv_started = False  # this refresh step has written g_v (later sub-batches add)
         self._gv_broken = False  # a refresh sub-step was skipped (inf/nan): g_v incomplete
-        self._step_combined = False  # this reuse step's gradients were combined in sub_step
+        self._gv_check_finite = False  # the last refresh ran under a GradScaler: check its g_v once
 
     # -- which step is which --
 
     def perturbs_this_step(self) -> bool:
         """True on refresh steps (every k-th, or after a refresh that left no usable g_v)."""
         if self._refresh is None:
+            if self._gv_valid and self._gv_check_finite:
+                # the first step after a refresh under a GradScaler: was that refresh's g_v finite?
+                self._gv_check_finite = False
+                if not bool(torch.isfinite(self._gv_norm_sumsq())):
+                    self._gv_valid, self._gv_sumsq = False, None
             self._refresh = (not self._gv_valid) or self.steps_taken % self.k == 0
         return self._refresh
 
     def descent_is_linear(self) -> bool:
-        return False  # the projection (refresh) and the combination (reuse) need each backward's gradient alone
+        # refresh steps project each sub-batch's own descent gradient; reuse steps combine at
+        # base_step, after any averaging, so their backward may synchronise
+        return not self.perturbs_this_step()
 
     def _active(self) -> list:
         return [b for b in self._buckets() if b.rho > 0.0]
@@ -123,8 +132,6 @@ class LookSAM(SAM):
         if self._refresh and self._gv_started:
             for b in self._active():
                 flats.extend(self._gv.collective(b))
-        elif self._refresh is False and not self._step_combined:
-            self._combine()  # the step's gradient is complete (before clipping and averaging)
         return flats
 
     # -- reuse steps: one pass, then g + alpha ||g|| / ||g_v|| g_v --
@@ -153,27 +160,19 @@ class LookSAM(SAM):
         for b in buckets:
             b.backend.looksam_combine_(b.grads(), self._gv.for_bucket(b), grad_sumsq, gv_sumsq, self.alpha,
                                        self.perturb_eps)
-        self._step_combined = True
 
     # -- whole steps --
 
     def sub_step(self, run_pass: Callable, *, weight: Optional[float] = None, sync: bool = False,
                  skip_nonfinite: bool = False) -> SubStepResult:
-        """A SAM sub-step with the projection on refresh steps; one PLAIN pass, combined, on reuse steps."""
-        if self._refresh is None and self._gv_valid and skip_nonfinite and self._gv_sumsq is None:
-            # the first step after a refresh under a GradScaler: was that refresh's g_v finite?
-            if not bool(torch.isfinite(self._gv_norm_sumsq())):
-                self._gv_valid, self._gv_sumsq = False, None
+        """A SAM sub-step with the projection on refresh steps; one PLAIN pass on reuse steps (base_step combines)."""
         if self.perturbs_this_step():
             result = self._sam_sub_step(run_pass, weight=weight, sync=sync, skip_nonfinite=skip_nonfinite)
             if result.skipped:
                 self._gv_broken = True
             return result
         try:
-            # without accumulation this pass is the step's gradient: combine it now; with it,
-            # load_accumulated_grads() combines the sum
-            return scheduled.plain_sub_step(self, run_pass, Pass.PLAIN, weight=weight, sync=sync,
-                                            after_backward=self._combine if weight is None else None)
+            return scheduled.plain_sub_step(self, run_pass, Pass.PLAIN, weight=weight, sync=sync)
         except BaseException:
             self.abort()
             raise
@@ -188,23 +187,24 @@ class LookSAM(SAM):
         if self._refresh:
             self._gv_valid = self._gv_started and not self._gv_broken
             self._gv_sumsq = None
-        elif self._refresh is False and not self._step_combined:
-            self._combine()  # a two-step loop or step(closure): the gradient is in .grad
+            self._gv_check_finite = scaler is not None
+        elif self._refresh is False:
+            self._combine()  # the step's gradient is complete (accumulated, averaged, clipped)
 
     def _after_base_step(self) -> None:
         super()._after_base_step()
-        self._refresh, self._gv_started, self._gv_broken, self._step_combined = None, False, False, False
+        self._refresh, self._gv_started, self._gv_broken = None, False, False
 
     def abort(self) -> None:
         super().abort()
-        self._gv_started = self._gv_broken = self._step_combined = False  # the step starts over
+        self._gv_started = self._gv_broken = False  # the step starts over
 
     # -- checkpoints --
 
     def _extra_state(self) -> dict:
         return {**super()._extra_state(), "looksam": {
             "gv_valid": self._gv_valid, "refresh": self._refresh, "gv_started": self._gv_started,
-            "gv_broken": self._gv_broken, "step_combined": self._step_combined}}
+            "gv_broken": self._gv_broken, "gv_check_finite": self._gv_check_finite}}
 
     def _load_extra_state(self, extras: dict) -> None:
         super()._load_extra_state(extras)
@@ -213,7 +213,7 @@ class LookSAM(SAM):
         self._refresh = state.get("refresh")
         self._gv_started = bool(state.get("gv_started", False))
         self._gv_broken = bool(state.get("gv_broken", False))
-        self._step_combined = bool(state.get("step_combined", False))
+        self._gv_check_finite = bool(state.get("gv_check_finite", False))
         self._gv_sumsq = None
 
     def _per_param_state(self) -> dict:

@@ -147,3 +147,7 @@ class MomentumSAM(SAM):
     def _after_base_step(self) -> None:
         super()._after_base_step()
         self._momentum_total = None
+
+    def _load_extra_state(self, extras: dict) -> None:
+        super()._load_extra_state(extras)
+        self._momentum_total = None  # the loaded momentum has its own norm
