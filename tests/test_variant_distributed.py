@@ -1,12 +1,18 @@
-"""The efficient variants under DistributedDataParallel, with 2 CPU processes on the gloo backend.
+"""The efficient variants under DDP and FSDP2, with 2 CPU processes on the gloo backend.
 
 Every method trains a few train_step steps with perturbation sub-batches on each rank's own
-data; the ranks must end with the same weights bit for bit (a variant's state that enters the
-step, LookSAM's g_v, is averaged like the gradients). For the methods whose DDP step is the
-same math as one process holding both ranks' data as sub-batches (schedules, LookSAM,
-Momentum-SAM, SAM-ON), the weights must also equal a single-process train_step on the
-concatenated batch. (Friendly SAM's EMA, AE-SAM's statistics and ESAM's weight masks are
-kept per rank, so those runs are compared between ranks only.)
+data.
+
+* DDP: the ranks must end with the same weights bit for bit (a variant's state that enters
+  the step, LookSAM's g_v, is averaged like the gradients). For the methods whose DDP step is
+  the same math as one process holding both ranks' data as sub-batches (schedules, LookSAM,
+  Momentum-SAM, SAM-ON), the weights must also equal a single-process train_step on the
+  concatenated batch. (Friendly SAM's EMA, AE-SAM's statistics and ESAM's weight masks are
+  kept per rank, so those runs are compared between ranks only.)
+* FSDP2: every backward reduce-scatters, so sub-step k sees the union of the ranks' k-th
+  sub-batches, and every method's state is global: the weights must equal a single-process
+  train_step whose sub-batches are those unions (ESAM without data selection, which ranks
+  make on their own examples).
 """
 
 from __future__ import annotations
@@ -53,6 +59,9 @@ def make_optimizer(method: str, model):
     if method == "esam":
         return fastsam.ESAM(params, torch.optim.SGD, rho=0.1, beta=0.5, gamma=0.5, **sgd,
                             generator=torch.Generator().manual_seed(4))
+    if method == "esam_swp":
+        return fastsam.ESAM(params, torch.optim.SGD, rho=0.1, beta=0.5, gamma=1.0, **sgd,
+                            generator=torch.Generator().manual_seed(4))
     if method == "sam_on":
         module = model.module if hasattr(model, "module") else model
         return fastsam.SAM(fastsam.normalization_params(module), torch.optim.SGD, rho=0.3, **sgd)
@@ -63,11 +72,15 @@ METHODS = ["every", "random", "adaptive", "looksam", "msam", "fsam", "esam", "sa
 SAME_AS_ONE_PROCESS = ["every", "random", "looksam", "msam", "sam_on"]
 
 
-def train(method: str, model, batches) -> list:
+def train(method: str, model, batches, micro: int = MICRO, full: bool = False) -> list:
     opt = make_optimizer(method, model)
     for x, y in batches:
-        fastsam.train_step(model, opt, x, y, F.cross_entropy, micro_batch=MICRO)
-    return [p.detach().clone() for p in model.parameters()]
+        fastsam.train_step(model, opt, x, y, F.cross_entropy, micro_batch=micro)
+    params = [p.full_tensor() if full else p for p in model.parameters()]
+    return [p.detach().clone() for p in params]
+
+
+FSDP_METHODS = ["every", "random", "adaptive", "looksam", "msam", "fsam", "esam_swp", "sam_on"]
 
 
 def worker(rank: int, port: int, out_dir: str):
@@ -75,9 +88,17 @@ def worker(rank: int, port: int, out_dir: str):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         results = {}
+        batches = [rank_data(rank, step) for step in range(STEPS)]
         for method in METHODS:
             model = torch.nn.parallel.DistributedDataParallel(make_model())
-            results[method] = train(method, model, [rank_data(rank, step) for step in range(STEPS)])
+            results[method] = train(method, model, batches)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        for method in FSDP_METHODS:
+            model = make_model()
+            fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+            weights = train(method, model, batches, full=True)
+            results[f"fsdp-{method}"] = weights
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -85,6 +106,7 @@ def worker(rank: int, port: int, out_dir: str):
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
+    pytest.importorskip("torch.distributed.fsdp", reason="torch without FSDP2")
     out = tmp_path_factory.mktemp("variant-ranks")
     mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
@@ -106,3 +128,18 @@ def test_ddp_equals_one_process_with_the_ranks_data_as_sub_batches(method, rank_
     expected = train(method, make_model(), batches)
     for got, want in zip(rank_results[0][method], expected):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", FSDP_METHODS)
+def test_fsdp_equals_one_process_whose_sub_batches_are_the_ranks_unions(method, rank_results):
+    batches = []
+    for step in range(STEPS):
+        data = [rank_data(r, step) for r in range(WORLD)]
+        parts = [list(zip(torch.split(x, MICRO), torch.split(y, MICRO))) for x, y in data]
+        unions = [(torch.cat([parts[r][k][0] for r in range(WORLD)]), torch.cat([parts[r][k][1] for r in range(WORLD)]))
+                  for k in range(LOCAL_BATCH // MICRO)]
+        batches.append((torch.cat([x for x, _ in unions]), torch.cat([y for _, y in unions])))
+    expected = train(method, make_model(), batches, micro=WORLD * MICRO)
+    for rank in range(WORLD):
+        for got, want in zip(rank_results[rank][f"fsdp-{method}"], expected):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
