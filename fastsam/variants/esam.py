@@ -91,18 +91,21 @@ class ESAM(SAM):
 
     # -- sharpness-sensitive data selection --
 
-    def first_step(self, zero_grad: bool = False, skip_nonfinite: bool = False) -> bool:
+    def _refuse_without_selection(self) -> None:
         if self.gamma < 1.0 and not self._selecting:
             raise RuntimeError(
                 f"ESAM(gamma={self.gamma}) selects the examples of the perturbed pass from per-example losses, which "
                 "first_step()/step(closure) cannot see. Use fastsam.train_step (or sub_step with a pass runner that "
                 "provides per-example losses), or construct ESAM with gamma=1 and select examples yourself "
                 "(fastsam.variants.esam.select_examples).")
+
+    def first_step(self, zero_grad: bool = False, skip_nonfinite: bool = False) -> bool:
+        self._refuse_without_selection()
         return super().first_step(zero_grad=zero_grad, skip_nonfinite=skip_nonfinite)
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None):
-        if closure is not None and self.gamma < 1.0:
-            self.first_step()  # raises, saying why
+        if closure is not None:
+            self._refuse_without_selection()
         return super().step(closure)
 
     def sub_step(self, run_pass: Callable, *, weight: Optional[float] = None, sync: bool = False,

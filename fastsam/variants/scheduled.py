@@ -58,14 +58,12 @@ def consume_sub_step_decision(sam) -> None:
         sam._sam_decision = None
 
 
-def plain_sub_step(sam, run_pass: Callable, kind: Pass, *, weight: Optional[float], sync: bool,
-                   after_backward: Optional[Callable[[], None]] = None) -> SubStepResult:
+def plain_sub_step(sam, run_pass: Callable, kind: Pass, *, weight: Optional[float], sync: bool) -> SubStepResult:
     """A sub-step without perturbation: one pass of ``kind``, its gradient kept or accumulated.
 
     Mirrors the SAM sub-step's handling of ``weight`` and ``sync`` (fastsam.SAM.sub_step):
     when the optimizer's step is linear in this backward, the accumulated gradients are loaded
-    first and the backward synchronises everything. ``after_backward`` (e.g. LookSAM's
-    combination) runs on ``.grad`` before it is accumulated.
+    first and the backward synchronises everything.
     """
     sam.zero_grad(set_to_none=True)
     synced = sync and sam.descent_is_linear()
@@ -73,8 +71,6 @@ def plain_sub_step(sam, run_pass: Callable, kind: Pass, *, weight: Optional[floa
         sam.load_accumulated_grads()
     scale = 1.0 if (weight is None or not synced) else float(weight)
     loss = run_pass(kind, scale=scale, sync=synced)
-    if after_backward is not None:
-        after_backward()
     finish_plain_gradient(sam, None if synced else weight)
     return SubStepResult(loss, None, skipped=False, synced=synced)
 
