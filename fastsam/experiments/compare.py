@@ -53,7 +53,7 @@ LOOKSAM_SMALL_ALPHA = 0.2
 FSAM_SIGMA, FSAM_LAMBDA = 1.0, 0.9  # Friendly SAM's defaults
 ESAM_BETA, ESAM_GAMMA = 0.6, 0.5  # ESAM's CIFAR settings; ESAM-SWP: the weight perturbation alone (gamma = 1)
 EFFICIENT_METHODS = (f"Every-{EVERY_K}", f"RST-{RST_P:g}", "AE-SAM", "LookSAM", f"LookSAM-a{LOOKSAM_SMALL_ALPHA:g}",
-                     "MSAM", "F-SAM", "ESAM", "ESAM-SWP", "SAM-ON")
+                     "MSAM", "F-SAM", "ESAM", "ESAM-SWP", "SAM-ON", "SAM-ON-ASAM")
 METHODS = ("SGD", "SAM", "ASAM", "GSAM", "OBF", "OBF+GSAM", "RandSAM") + EFFICIENT_METHODS
 # method -> rho candidates for tuning (the first is the default without tuning, e.g. in
 # --quick). ASAM's rho lives on the scale of |w|-weighted steps (docs/ALGORITHMS.md §2: ~10x SAM's);
@@ -67,11 +67,14 @@ RHO_GRIDS = {
     # and SAM-ON perturbs only the normalisation layers (its paper: larger rho than SAM's)
     "MSAM": (1.0, 0.3, 3.0),
     "SAM-ON": (0.5, 0.1, 2.0),
+    # SAM-ON's recommended form: elementwise ASAM on the normalisation layers, with a large rho
+    "SAM-ON-ASAM": (3.0, 1.0, 10.0),
 }
 # GSAM takes SAM's rho as its rho_max and OBF+GSAM takes OBF's (as the GSAM paper builds on
 # SAM's radius); the efficient variants of SAM's own direction take SAM's: this keeps the
-# tuning budget at six grids.
-RHO_FROM = {"GSAM": "SAM", "OBF+GSAM": "OBF", **{m: "SAM" for m in EFFICIENT_METHODS if m not in ("MSAM", "SAM-ON")}}
+# tuning budget at seven grids.
+RHO_FROM = {"GSAM": "SAM", "OBF+GSAM": "OBF",
+            **{m: "SAM" for m in EFFICIENT_METHODS if m not in ("MSAM", "SAM-ON", "SAM-ON-ASAM")}}
 
 
 def rho_source(method: str) -> Optional[str]:
@@ -153,6 +156,8 @@ def build_efficient(method: str, params, rho: float, base: dict, seed: int, mode
                             generator=torch.Generator().manual_seed(30_000 + seed), **base)
     if method == "SAM-ON":
         return fastsam.SAM(fastsam.normalization_params(model), sgd, rho=rho, **base)
+    if method == "SAM-ON-ASAM":
+        return fastsam.SAM(fastsam.normalization_params(model), sgd, rho=rho, adaptive=True, eta=ASAM_ETA, **base)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
