@@ -209,3 +209,73 @@ def test_variant_ops_refuse_to_write_tensors_that_require_grad_in_grad_mode():
         backend.looksam_combine_([p], [torch.ones(5)], torch.tensor(1.0), torch.tensor(1.0), 0.5)
     with pytest.raises(RuntimeError, match="the lists must match one to one"):
         backend.friendly_direction_([torch.zeros(3)] * 2, [torch.zeros(3)], [torch.zeros(3)], 1.0, 0.9)
+
+
+VARIANT_COMPILE_CHECK = """
+    import os, re, subprocess, tempfile
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fastsam.ops import triton_backend as tb, triton_variant_kernels as K
+
+    COMMON = {"table": "*i64", "chunk_tensor": "*i64", "chunk_index": "*i64", "lane_tensor": "*i64",
+              "lane_element": "*i64", "n_chunks": "i32", "n_lanes": "i32"}
+    PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+    def ptx(kernel, types, constexprs):
+        signature = {n: "constexpr" if n in constexprs else types[n] for n in kernel.arg_names}
+        aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+                   if signature[n].startswith("*")}
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": tb.GPU_CONFIG.num_warps}).asm["ptx"]
+
+    def spills(code):
+        if not os.path.exists(PTXAS):
+            return "-"
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(code)
+        out = subprocess.run([PTXAS, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull], capture_output=True,
+                             text=True)
+        os.unlink(f.name)
+        return str(sum(int(n) for n in re.findall(r"(\\d+) bytes spill stores", out.stdout + out.stderr)))
+
+    def sizes(dtype, roles):
+        block, lanes = tb.GPU_CONFIG.blocking(dtype)
+        return dict(ROLES=roles, BLOCK=block, LANES=lanes, ALIGNED=True)
+
+    def lists(dtype, *names, **more):
+        return dict(COMMON, **{n: dtype for n in names}, **more)
+
+    cases = [
+        (K.looksam_project_kernel, lists("*fp32", "gv_base", "gs_base", "g_base", stats="*fp32", weight="fp32",
+                                         eps="fp32"), dict(INIT=False, **sizes(torch.float32, 3))),
+        (K.looksam_project_kernel, lists("*bf16", "gv_base", "gs_base", "g_base", stats="*fp32", weight="fp32",
+                                         eps="fp32"), dict(INIT=True, **sizes(torch.bfloat16, 3))),
+        (K.looksam_combine_kernel, lists("*fp32", "g_base", "gv_base", grad_sumsq="*fp32", gv_sumsq="*fp32",
+                                         alpha="fp32", eps="fp32"), sizes(torch.float32, 2)),
+        (K.friendly_direction_kernel, lists("*fp32", "d_base", "m_base", "g_base", partials="*fp32", sigma="fp32",
+                                            lam="fp32", one_minus_lam="fp32"), dict(INIT=False, **sizes(torch.float32, 3))),
+        (K.friendly_direction_kernel, lists("*fp16", "d_base", "m_base", "g_base", partials="*fp32", sigma="fp32",
+                                            lam="fp32", one_minus_lam="fp32"), dict(INIT=False, **sizes(torch.float16, 3))),
+    ]
+    for kernel, types, constexprs in cases:
+        code = ptx(kernel, types, constexprs)
+        print(kernel.__name__, len(re.findall(r"ld\\.global\\.v4", code)), spills(code))
+"""
+
+
+def test_variant_triton_kernels_compile_for_gpus_with_vector_accesses():
+    """As tests/test_triton.py does for the core kernels: compile for sm_90 on this machine (no
+    GPU needed), with 128-bit loads on the aligned path and no register spills."""
+    from tests.test_triton import run_python
+    result = run_python(VARIANT_COMPILE_CHECK, TRITON_INTERPRET="0")
+    if result.returncode != 0 and ("No module named 'triton'" in result.stderr or "ptxas" in result.stderr):
+        pytest.skip(f"cannot compile for CUDA here: {result.stderr.strip().splitlines()[-1]}")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert len(rows) == 5
+    for name, vector_loads, spill_bytes in rows:
+        assert int(vector_loads) > 0, f"{name} has no 128-bit loads on its aligned path"
+        assert spill_bytes in ("0", "-"), f"{name} spills {spill_bytes} bytes of registers"

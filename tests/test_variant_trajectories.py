@@ -5,8 +5,6 @@ perturbation sub-batches, a cosine LR scheduler) for every method of docs/ALGORI
 alone and combined with ASAM, GSAM and OBF where the method allows it, with SGD and AdamW.
 After every step parameters, BatchNorm buffers and the base optimizer's state must match the
 run with backend="reference"; so must the methods' own state (g_v, EMAs, schedule counters).
-Every method runs in the default suite with both bases (the schedules combined with ASAM,
-GSAM and OBF); further combinations are marked slow.
 """
 
 from __future__ import annotations
@@ -82,13 +80,9 @@ def reference_run(variant: str, base: str, device: str, dtype=torch.float32, smo
     return run("reference", variant, base, device, dtype, smooth)
 
 
-SLOW_VARIANTS = ("adaptive", "looksam_asam", "fsam_asam")
-
-
 @pytest.mark.parametrize("device,backend", backend_cases())
 @pytest.mark.parametrize("base", list(BASES))
-@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v in SLOW_VARIANTS else v
-                                     for v in VARIANTS])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variant_trajectory_matches_reference_fp32(device, backend, base, variant):
     expected = reference_run(variant, base, device)
     actual = run(backend, variant, base, device)
