@@ -31,8 +31,8 @@ DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 CSRC = "csrc"
 CPU_SOURCES = ["ops.cpp", "plan.cpp", "tensor_lists.cpp", "cpu_kernels.cpp", "eager.cpp", "list_signature.cpp",
-               "grads_view.cpp"]
-CUDA_SOURCES = ["cuda_ops.cpp", "cuda_kernels.cu"]
+               "grads_view.cpp", "variant_ops.cpp", "variant_cpu.cpp", "variant_eager.cpp"]
+CUDA_SOURCES = ["cuda_ops.cpp", "cuda_kernels.cu", "variant_cuda.cpp", "variant_kernels.cu"]
 # the fused base steps and the one-pass unperturb chain (csrc/base_step.h)
 CPU_SOURCES += ["base_step_ops.cpp", "base_step_lists.cpp", "base_step_cpu.cpp", "base_step_eager.cpp"]
 CUDA_SOURCES += ["base_step_cuda.cpp", "base_step_kernels.cu"]

@@ -21,6 +21,7 @@ PyMethodDef* list_signature_methods();   // list_signature.cpp
 PyMethodDef* grads_view_methods();       // grads_view.cpp
 int add_grads_view_type(PyObject* m);    // grads_view.cpp
 PyMethodDef* base_step_methods();        // base_step_eager.cpp
+PyMethodDef* variant_eager_methods();    // variant_eager.cpp
 
 namespace {
 
@@ -148,6 +149,7 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
       PyModule_AddFunctions(m, fastsam::list_signature_methods()) != 0 ||
       PyModule_AddFunctions(m, fastsam::grads_view_methods()) != 0 || fastsam::add_grads_view_type(m) != 0 ||
       PyModule_AddFunctions(m, fastsam::base_step_methods()) != 0 ||
+      PyModule_AddFunctions(m, fastsam::variant_eager_methods()) != 0 ||
       PyModule_AddIntConstant(m, "WITH_CUDA", FASTSAM_CUDA_FLAG) != 0) {
     Py_DECREF(m);
     return nullptr;

@@ -2,7 +2,10 @@
 
 SAM, ASAM, GSAM, output-bias forgetting (OBF), RandSAM and perturbation sub-batches, with
 the per-step bookkeeping (global norm, perturbation, exact restore, GSAM decomposition,
-accumulation) run by interchangeable backends of one ops contract (``fastsam.ops``).
+accumulation) run by interchangeable backends of one ops contract (``fastsam.ops``); and the
+efficient variants that bring SAM close to the base optimizer's cost (``SAM(schedule=...)``
+with ``fastsam.schedules``, LookSAM, MomentumSAM, FriendlySAM, ESAM, SAM-ON's
+``normalization_params``).
 """
 
 from fastsam._version import __version__
@@ -13,6 +16,12 @@ from fastsam.optimizer import SAM
 from fastsam.passes import Pass, SubStepResult
 from fastsam.schedules import lr_proportional_rho
 from fastsam.training import StepOutput, train_step
+from fastsam import schedules
+from fastsam.variants.esam import ESAM
+from fastsam.variants.friendly import FriendlySAM
+from fastsam.variants.looksam import LookSAM
+from fastsam.variants.momentum import MomentumSAM
+from fastsam.variants.normalization import normalization_params
 
 __all__ = [
     "SAM",
@@ -28,6 +37,12 @@ __all__ = [
     "BackendUnavailableError",
     "lr_proportional_rho",
     "verify",
+    "schedules",
+    "LookSAM",
+    "MomentumSAM",
+    "FriendlySAM",
+    "ESAM",
+    "normalization_params",
 ]
 
 

@@ -33,6 +33,7 @@ from fastsam.passes import Pass, SubStepResult
 from fastsam.plan import (ADAPTIVE_EXPONENTS, Bucket, MissingGrad, StepPlan, adaptive_exponents,  # noqa: F401
                           global_sum, with_grads)
 from fastsam.schedules import RHO_SCHEDULES, lr_proportional_rho
+from fastsam.variants import scheduled
 
 logger = logging.getLogger("fastsam")
 
@@ -122,10 +123,12 @@ class SAM(Optimizer):
     gradients are inf/nan, and warn about zero ascent gradients, at the cost of one host
     synchronisation per step; a GradScaler replaces the check) and ``closure_convention``
     (how ``step(closure)`` finds the ascent gradient: 'auto', 'torch' or 'wrapper'; see
-    fastsam/closure.py). ``rounding``: how bf16/fp16 perturbed weights are rounded:
-    ``'stochastic'`` (the default: to one of the two neighbours of w + eps, unbiased, with a
-    new seed at every perturbation, derived from ``rounding_seed``) or ``'nearest'``; see
-    fastsam/ops/rounding.py. Restores are bit-exact either way.
+    fastsam/closure.py), ``schedule`` (which steps are SAM steps: ``fastsam.schedules.Every(k)``,
+    ``Random(p)`` or ``Adaptive(total_steps)`` (AE-SAM); the others are the base optimizer's
+    steps alone; docs/ALGORITHMS.md §9) and ``rounding``: how bf16/fp16 perturbed weights
+    are rounded: ``'stochastic'`` (the default: to one of the two neighbours of w + eps,
+    unbiased, with a new seed at every perturbation, derived from ``rounding_seed``) or
+    ``'nearest'``; see fastsam/ops/rounding.py. Restores are bit-exact either way.
     """
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive=False, *,
@@ -134,7 +137,7 @@ class SAM(Optimizer):
                  rho_min: float = 0.0, lr_max: Optional[float] = None, lr_min: float = 0.0,
                  randsam: bool = False, generator: Optional[torch.Generator] = None,
                  backend: str = "auto", perturb_eps: float = 1e-12, check_finite: bool = True,
-                 closure_convention: str = "auto", rounding: str = "stochastic",
+                 closure_convention: str = "auto", schedule=None, rounding: str = "stochastic",
                  rounding_seed: Optional[int] = None, **base_kwargs):
         sam_defaults = dict(rho=rho, adaptive=adaptive, eta=eta, adaptive_scope=adaptive_scope,
                             gsam_alpha=gsam_alpha, rho_schedule=rho_schedule, rho_min=rho_min,
@@ -149,6 +152,8 @@ class SAM(Optimizer):
         if rounding_seed is not None and (isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int)):
             raise TypeError(f"rounding_seed must be an int or None; got {rounding_seed!r}")
         self._closure = closure_protocol.ClosureProtocol(closure_convention)
+        self.schedule = scheduled.check_schedule(schedule)
+        self._sam_decision: Optional[bool] = None  # the schedule's decision in effect (fastsam/variants/scheduled.py)
 
         self._base: Optional[Optimizer] = None
         if isinstance(base_optimizer, Optimizer):
@@ -194,6 +199,7 @@ class SAM(Optimizer):
         self._perturbed: Optional[list[Bucket]] = None  # the buckets first_step() perturbed
         self._ascent_sumsqs: list[Tensor] = []  # of this step's perturbations, for the finite check
         self._descent_ready = False  # unperturb() ran since the last base step
+        self.steps_taken = 0  # base steps so far (schedules and variants count with it; in checkpoints)
 
     # -- param groups and state are the base optimizer's, so LR schedulers and checkpoint
     #    tools that work on SAM see the real ones --
@@ -279,6 +285,10 @@ class SAM(Optimizer):
     def _params(self) -> list:
         return self._plan.params()
 
+    def _buckets(self) -> list[Bucket]:
+        """The step plan's buckets, each with this step's rho."""
+        return self._plan.buckets(_current_rho)
+
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
         if set_to_none:
@@ -312,11 +322,27 @@ class SAM(Optimizer):
         if self._perturbed is not None:
             raise RuntimeError("first_step() was called twice: the weights are already perturbed; "
                                "call second_step() or unperturb() first")
+        if self.schedule is not None:
+            scheduled.check_first_step(self)
+            scheduled.consume_sub_step_decision(self)
         buckets = self._plan.buckets(_current_rho)
         if not buckets:
             raise RuntimeError("first_step() found no parameter to perturb: every parameter has "
                                "requires_grad=False")
-        active = [b for b in buckets if b.rho > 0.0]
+        active, directions, total = self._ascent(buckets, [b for b in buckets if b.rho > 0.0])
+        if skip_nonfinite and total is not None and not bool(torch.isfinite(total)):
+            return False
+        self._perturb(buckets, active, directions, total)
+        if zero_grad:
+            self.zero_grad()
+        return True
+
+    def _ascent(self, buckets: list[Bucket], active: list[Bucket]) -> tuple[list[Bucket], list, Optional[Tensor]]:
+        """(buckets to perturb, their ascent directions, the global sum of squares that normalises them).
+
+        The efficient variants (fastsam/variants/) override this to perturb along another
+        direction (Friendly SAM, Momentum-SAM) or a random subset of the tensors (ESAM).
+        """
         try:
             directions = [self._direction(b) for b in active]
             total = self._sumsq(active, directions, adaptive=True) if active else None
@@ -327,12 +353,7 @@ class SAM(Optimizer):
             active = with_grads(active)
             directions = [self._direction(b) for b in active]
             total = self._sumsq(active, directions, adaptive=True) if active else None
-        if skip_nonfinite and total is not None and not bool(torch.isfinite(total)):
-            return False
-        self._perturb(buckets, active, directions, total)
-        if zero_grad:
-            self.zero_grad()
-        return True
+        return active, directions, total
 
     def _direction(self, bucket: Bucket):
         """The ascent direction of a bucket: its gradients, or fresh noise for RandSAM."""
@@ -353,7 +374,7 @@ class SAM(Optimizer):
         self._step_buckets = buckets
         if total is not None:
             self._ascent_sumsqs.append(total)
-        gsam = any(bucket.alpha != 0.0 for bucket in active)
+        gsam = self._keeps_ascent(active)
         ascent_sumsq = None
         if gsam and self.gsam_normalize_ascent:
             adaptive_norm = any(bucket.b != 0 for bucket in active)
@@ -375,6 +396,11 @@ class SAM(Optimizer):
         if seed is None:
             seed = bucket.buffers["seed"] = [torch.empty((), dtype=torch.int64, device=bucket.params[0].device)]
         return seed[0].fill_(value - (1 << 64) if value >= 1 << 63 else value)
+
+    def _keeps_ascent(self, active: list[Bucket]) -> bool:
+        """Whether perturb_ also writes the ascent direction into ``bucket.buffer("ascent")``
+        (GSAM's decomposition; LookSAM's projection overrides this)."""
+        return any(bucket.alpha != 0.0 for bucket in active)
 
     @torch.no_grad()
     def unperturb(self, accumulate_weight: Optional[float] = None) -> None:
@@ -419,6 +445,8 @@ class SAM(Optimizer):
         Then a data-parallel caller may load the accumulated gradients before the last
         descent backward and let that backward synchronise everything (``sub_step(sync=True)``).
         """
+        if self.schedule is not None and self.schedule.needs_gradient:
+            return False  # AE-SAM decides after its first backward, which therefore cannot synchronise
         return all(group["gsam_alpha"] == 0.0 or _current_rho(group) == 0.0 for group in self.param_groups)
 
     @torch.no_grad()
@@ -453,6 +481,7 @@ class SAM(Optimizer):
         """
         if self._perturbed is not None:
             raise RuntimeError("the weights are perturbed: call unperturb() before base_step()")
+        self._before_base_step(scaler)
         ascent_sumsqs, self._ascent_sumsqs = self._ascent_sumsqs, []
         self._descent_ready = False
         if scaler is not None:
@@ -464,7 +493,16 @@ class SAM(Optimizer):
         # LR schedulers attached to SAM watch for SAM.step(); a step through
         # second_step()/train_step() is just as real (torch.optim.lr_scheduler reads this flag).
         self._opt_called = True
+        self._after_base_step()
         return result
+
+    def _before_base_step(self, scaler) -> None:
+        """Called by base_step() before anything else (the variants finish their gradient here)."""
+
+    def _after_base_step(self) -> None:
+        """Called by base_step() after the base optimizer stepped: one more optimizer step taken."""
+        self.steps_taken += 1
+        self._sam_decision = None
 
     def _check_finite(self, ascent_sumsqs: list[Tensor]) -> None:
         """One host synchronisation: inf/nan anywhere in this step raises; zero ascent norms warn."""
@@ -503,6 +541,24 @@ class SAM(Optimizer):
 
     def sub_step(self, run_pass: Callable, *, weight: Optional[float] = None, sync: bool = False,
                  skip_nonfinite: bool = False) -> SubStepResult:
+        """One sub-step of this optimizer's method on one (sub-)batch: here a SAM sub-step
+        (:meth:`_sam_sub_step`); the efficient variants (fastsam/variants/) override it."""
+        if self.schedule is not None:
+            return scheduled.sub_step(self, run_pass, weight=weight, sync=sync, skip_nonfinite=skip_nonfinite)
+        return self._sam_sub_step(run_pass, weight=weight, sync=sync, skip_nonfinite=skip_nonfinite)
+
+    def perturbs_this_step(self) -> bool:
+        """Whether this step (with ``Adaptive``: this sub-step) is a SAM step.
+
+        True without a schedule. With one, the decision is taken now if it was not yet
+        (``Adaptive`` reads ``||g||^2`` of the present gradients: one host synchronisation)
+        and kept until it is used. Two-step loops with a schedule ask this after the first
+        backward and call ``base_step()`` instead of ``first_step()`` when it is False.
+        """
+        return scheduled.decision(self) if self.schedule is not None else True
+
+    def _sam_sub_step(self, run_pass: Callable, *, weight: Optional[float] = None, sync: bool = False,
+                      skip_nonfinite: bool = False) -> SubStepResult:
         """One SAM sub-step on one (sub-)batch, through ``run_pass`` (fastsam/passes.py).
 
         Clears ``.grad``, runs the ascent pass (a forward only with RandSAM), perturbs,
@@ -566,6 +622,8 @@ class SAM(Optimizer):
         """
         if closure is None:
             return self._finish_step()
+        if self.schedule is not None:
+            return scheduled.closure_step(self, closure, lambda: scheduled.decision(self))
         closure = torch.enable_grad()(closure)
         loss = None
         if self._closure_ascent() is closure_protocol.Ascent.FROM_CLOSURE:
@@ -617,7 +675,10 @@ class SAM(Optimizer):
 
     def _extra_state(self) -> dict:
         """fastsam's global state for checkpoints (subclasses add theirs)."""
-        extras = {"rounding_seed": self._rounding_seed, "perturbations": self._perturbations}
+        extras = {"steps_taken": self.steps_taken, "rounding_seed": self._rounding_seed,
+                  "perturbations": self._perturbations}
+        if self.schedule is not None:
+            extras["schedule"] = {**self.schedule.state_dict(), "decision": self._sam_decision}
         if self.generator is not None:
             extras["generator_state"] = self.generator.get_state()
         return extras
@@ -626,6 +687,14 @@ class SAM(Optimizer):
         if "rounding_seed" in extras:
             self._rounding_seed = int(extras["rounding_seed"])
             self._perturbations = int(extras["perturbations"])
+        self.steps_taken = int(extras.get("steps_taken", 0))
+        schedule_state = extras.get("schedule")  # none saved (e.g. a plain torch.optim checkpoint): as constructed
+        if schedule_state is not None and self.schedule is None:
+            raise ValueError("the checkpoint holds a schedule's state (SAM(schedule=...)) but this optimizer has no "
+                             "schedule; construct it with the same schedule to resume")
+        if schedule_state is not None:
+            self.schedule.load_state_dict(schedule_state)
+            self._sam_decision = schedule_state.get("decision")
         generator_state = extras.get("generator_state")
         if generator_state is not None:
             if self.generator is None:

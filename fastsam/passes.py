@@ -15,6 +15,18 @@ the training loss of that pass (detached). ``sync`` asks for data-parallel gradi
 synchronisation in this backward (DistributedDataParallel outside ``no_sync``); without it
 a DDP model must run the backward under ``no_sync()``. Runners that are not data-parallel
 ignore ``sync``.
+
+Optional capabilities, which a runner advertises with attributes:
+
+* ``ascent_is_plain = True``: ``Pass.ASCENT``'s backward is the training loss's (there is
+  no separate ascent loss). A method that needs the training-loss gradient first (AE-SAM's
+  gate) then uses it as the ascent direction; without the attribute it runs
+  ``Pass.ASCENT`` as a second pass on the steps it perturbs.
+* ``supports_selection = True``: the runner also takes ``subset`` (a 1-d index tensor: the
+  pass uses only those examples of its sub-batch, the loss being their mean) and
+  ``per_sample=True`` (it then returns ``(loss, per-example training losses)``; with
+  ``Pass.DESCENT`` that pass is a forward only, without gradient, at the current weights,
+  with BatchNorm statistics frozen). ESAM's data selection needs it.
 """
 
 from __future__ import annotations

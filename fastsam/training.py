@@ -133,17 +133,65 @@ def _autocast_context(model: nn.Module, dtype: Optional[torch.dtype]):
 
 # -- the pass runner (fastsam/passes.py) of one sub-batch --------------------------------------
 
-class _SubBatchPasses:
-    """Runs the passes a SAM method asks for on one sub-batch of ``train_step``."""
+def _index(batch, index: Tensor):
+    """The examples ``index`` (along dim 0) of a tensor or a (nested) tuple, list or dict of tensors."""
+    if isinstance(batch, Tensor):
+        return batch.index_select(0, index.to(batch.device))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_index(item, index) for item in batch)
+    return {key: _index(value, index) for key, value in batch.items()}
 
-    def __init__(self, model, inputs, targets, loss_fn, ascent_loss, freeze_bn, scaler, autocast):
+
+def _default_per_sample_loss(loss_fn):
+    def per_sample(outputs, targets):
+        try:
+            return loss_fn(outputs, targets, reduction="none")
+        except TypeError as error:
+            raise TypeError(
+                "this method needs per-example losses: loss_fn does not take reduction='none' "
+                f"({error}); pass train_step(..., per_sample_loss=fn) with fn(outputs, targets) -> one loss per "
+                "example") from None
+    return per_sample
+
+
+class _SubBatchPasses:
+    """Runs the passes a SAM method asks for on one sub-batch of ``train_step``.
+
+    Besides the protocol's passes it supports data selection (fastsam/passes.py):
+    ``per_sample=True`` returns ``(loss, per-example losses)`` (with ``Pass.DESCENT``, a
+    forward without gradient at the current weights), and ``subset=`` runs the pass on those
+    examples only.
+    """
+
+    supports_selection = True
+
+    def __init__(self, model, inputs, targets, loss_fn, ascent_loss, freeze_bn, scaler, autocast,
+                 per_sample_loss=None):
         self.model, self.inputs, self.targets = model, inputs, targets
         self.loss_fn, self.ascent_loss, self.freeze_bn = loss_fn, ascent_loss, freeze_bn
         self.scaler, self.autocast = scaler, autocast
+        self.per_sample_loss = per_sample_loss or _default_per_sample_loss(loss_fn)
+        self.ascent_is_plain = ascent_loss is None  # the ascent backward is the training loss's
         self.outputs = None  # of the unperturbed pass
 
-    def __call__(self, kind: Pass, *, scale: float = 1.0, sync: bool = False) -> Tensor:
+    def _per_example(self, out, targets) -> Tensor:
+        losses = self.per_sample_loss(out, targets)
+        if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != targets.shape[0]:
+            raise ValueError(f"per-example losses must be a 1-d tensor with one loss per example ({targets.shape[0]}); "
+                             f"got {getattr(losses, 'shape', type(losses).__name__)}")
+        return losses.detach()
+
+    def __call__(self, kind: Pass, *, scale: float = 1.0, sync: bool = False, subset: Optional[Tensor] = None,
+                 per_sample: bool = False):
         model = self.model
+        inputs, targets = self.inputs, self.targets
+        if subset is not None:
+            inputs, targets = _index(inputs, subset), _index(targets, subset)
+        if per_sample and kind is Pass.DESCENT:  # forward only, at the perturbed weights, statistics frozen
+            frozen = frozen_running_stats(model) if self.freeze_bn else contextlib.nullcontext()
+            with torch.no_grad(), frozen, _autocast_context(model, self.autocast):
+                out = _call(model, inputs)
+                return self.loss_fn(out, targets).detach(), self._per_example(out, targets)
         if kind is Pass.LOSS:
             with torch.no_grad(), _autocast_context(model, self.autocast):
                 self.outputs = _call(model, self.inputs)
@@ -151,16 +199,17 @@ class _SubBatchPasses:
         frozen = kind is Pass.DESCENT and self.freeze_bn
         with distributed.no_sync(model, sync), frozen_running_stats(model) if frozen else contextlib.nullcontext():
             with _autocast_context(model, self.autocast):
-                out = _call(model, self.inputs)
-                loss = self.loss_fn(out, self.targets)
-                objective = self.ascent_loss(out, self.targets) if (
+                out = _call(model, inputs)
+                loss = self.loss_fn(out, targets)
+                objective = self.ascent_loss(out, targets) if (
                     kind is Pass.ASCENT and self.ascent_loss is not None) else loss
+                per_example = self._per_example(out, targets) if per_sample else None
             if scale != 1.0:
                 objective = objective * scale
             (self.scaler.scale(objective) if self.scaler is not None else objective).backward()
         if kind is not Pass.DESCENT:
             self.outputs = out
-        return loss.detach()
+        return (loss.detach(), per_example) if per_sample else loss.detach()
 
 
 # Calls into an accumulation cycle so far, for plain optimizers (SAM keeps its own accumulator).
@@ -173,7 +222,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs, targe
                micro_batch: Optional[int] = None, max_grad_norm: Optional[float] = None,
                freeze_bn: bool = True, scaler: Optional["torch.amp.GradScaler"] = None,
                autocast: Optional[torch.dtype] = None, accumulation_steps: int = 1,
-               step: bool = True) -> StepOutput:
+               step: bool = True, per_sample_loss: Optional[Callable[[Any, Tensor], Tensor]] = None) -> StepOutput:
     """One optimizer step on ``(inputs, targets)``.
 
     With a :class:`fastsam.SAM` optimizer each sub-batch of ``micro_batch`` examples runs:
@@ -199,6 +248,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs, targe
 
     Gradient accumulation over several calls: pass ``accumulation_steps=k`` to every call
     and ``step=False`` to all but the k-th; every call's gradients are weighted by 1/k.
+
+    Methods that select examples (``fastsam.ESAM`` with ``gamma < 1``) need per-example
+    losses: ``per_sample_loss(outputs, targets)`` returns one training loss per example (by
+    default ``loss_fn(outputs, targets, reduction="none")``, which torch's losses support).
 
     If anything raises, the weights are restored to their unperturbed values and the
     accumulated gradients dropped.
@@ -228,7 +281,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs, targe
         for i, (x, y, size) in enumerate(zip(sub_inputs, sub_targets, sizes)):
             weight = size / batch_size / accumulation_steps
             last = step and i == len(sizes) - 1  # the step's final backward
-            passes = _SubBatchPasses(model, x, y, loss_fn, ascent_loss, freeze_bn, scaler, autocast)
+            passes = _SubBatchPasses(model, x, y, loss_fn, ascent_loss, freeze_bn, scaler, autocast, per_sample_loss)
             if sam is None:
                 loss = passes(Pass.PLAIN, scale=weight, sync=last)
             else:

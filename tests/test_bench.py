@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fastsam import ops
-from fastsam.bench import cli, engine, host, peers, report, workloads
+from fastsam.bench import cli, engine, host, peers, report, variants, workloads
 from fastsam.bench.engine import ITEMS, OP_ITEMS, Timer, bytes_moved, quantile
 
 QUICK = ["--device", "cpu", "--workloads", "mini", "--quick", "--quiet"]
@@ -162,7 +162,7 @@ def test_bytes_follow_the_design_floor():
     assert bytes_moved("gsam_substep", n, 4) - bytes_moved("sam_substep", n, 4) == 24 * n  # "GSAM adds ~28N"
     parts = ("sumsq", "perturb_", "restore_")
     assert sum(bytes_moved(p, n, 4) for p in parts) == bytes_moved("sam_substep", n, 4)
-    assert set(OP_ITEMS) == set(ops.SUBSTEP_OP_NAMES)  # the fused steps: fastsam/bench/full_step.py
+    assert set(OP_ITEMS) | set(variants.OP_ITEMS) == set(ops.SUBSTEP_OP_NAMES + ops.VARIANT_OP_NAMES)  # fused steps: full_step.py; variants: variants.py
 
 
 def test_workload_shapes_match_the_published_parameter_counts():

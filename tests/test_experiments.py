@@ -25,7 +25,7 @@ from fastsam.experiments.data import corrupt_labels, load
 
 ALL_CONFIGS = [f"{m} (m=16)" for m in compare.METHODS] + [f"{m} (m=64)" for m in compare.M_STUDY_METHODS]
 OUTPUTS = ("results.md", "results.json", "summary.csv", "runs.csv", "test_accuracy_curves.png",
-           "accuracy_vs_sharpness.png", "m_study.png")
+           "accuracy_vs_sharpness.png", "accuracy_vs_cost.png", "m_study.png")
 
 
 def check_outputs(out, configs, seeds, epochs, tuned, m_study=True):
@@ -40,6 +40,7 @@ def check_outputs(out, configs, seeds, epochs, tuned, m_study=True):
         assert 0.0 <= run["test_acc"] <= 1.0 and run["train_loss"] > 0
         assert math.isfinite(run["hessian_max_eig"]) and math.isfinite(run["m_sharpness"])
         assert run["wall_ms_per_step"] > 0 and run["cpu_ms_per_step"] > 0
+        assert run["grad_evals_per_step"] >= 1.0 and run["forward_evals_per_step"] >= 0.0
     for row in results["summary"]:
         accs = [r["test_acc"] for r in results["runs"] if r["config"] == row["config"]]
         assert row["test_acc_mean"] == pytest.approx(np.mean(accs))
@@ -59,7 +60,7 @@ def test_tiny_run_end_to_end(tmp_path, capsys):
                          "--hessian-examples", "32", "--hessian-iters", "3", "--tune", "--log-every", "1"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "[eval 20/20 done" in printed and "tuned rho" in printed and "epoch 1/1" in printed
+    assert f"[eval {len(ALL_CONFIGS) * 2}/{len(ALL_CONFIGS) * 2} done" in printed and "tuned rho" in printed and "epoch 1/1" in printed
     results = check_outputs(out, ALL_CONFIGS, seeds=2, epochs=1, tuned=True)
     # tuning: one run per grid entry at m=16 for the four tuned methods; the chosen rho is
     # the best of its grid; GSAM / OBF+GSAM and the m study (m=64) reuse it
@@ -89,6 +90,25 @@ def test_method_subset_without_m_study(tmp_path):
     assert not os.path.exists(os.path.join(out, "tuning.csv"))
     assert not os.path.exists(os.path.join(out, "m_study.png"))
     assert results["meta"]["args"]["dataset"] == "digits"
+
+
+def test_cost_counts_of_the_efficient_methods(tmp_path):
+    """Gradient evaluations per step, counted by the experiment, against each method's schedule:
+    5 steps of 64 examples in sub-batches of 16."""
+    out = str(tmp_path / "out")
+    methods = ["SGD", "SAM", f"Every-{compare.EVERY_K}", "LookSAM", "MSAM", "ESAM", "SAM-ON"]
+    compare.main(["--quick", "--out", out, "--epochs", "1", "--seeds", "1", "--n-train", "320", "--n-val", "32",
+                  "--n-test", "32", "--batch-size", "64", "--methods", ",".join(methods), "--no-m-study",
+                  "--hessian-examples", "16", "--hessian-iters", "2", "--quiet"])
+    results = json.load(open(os.path.join(out, "results.json"), encoding="utf-8"))
+    cost = {r["method"]: (r["grad_evals_per_step"], r["forward_evals_per_step"]) for r in results["runs"]}
+    gamma_share = math.floor(compare.ESAM_GAMMA * 16) / 16
+    assert cost == {
+        "SGD": (1.0, 0.0), "SAM": (2.0, 0.0), "SAM-ON": (2.0, 0.0), "MSAM": (1.0, 0.0),
+        f"Every-{compare.EVERY_K}": ((2 + 1 + 1 + 1 + 2) / 5, 0.0),  # SAM at steps 0 and 4
+        "LookSAM": ((2 + 1 + 1 + 1 + 1) / 5, 0.0),  # refresh at step 0 (k = 5)
+        "ESAM": (1.0 + gamma_share, 1.0),  # descent on gamma of each sub-batch, selection forward on all
+    }
 
 
 def test_rho_grid_override(tmp_path):

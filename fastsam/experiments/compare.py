@@ -1,4 +1,4 @@
-"""Compare SGD, SAM, ASAM, GSAM, OBF, OBF+GSAM and RandSAM on small offline data, with sharpness.
+"""Compare SGD, the SAM family and SAM's efficient variants on small offline data, with sharpness and cost.
 
 Every method trains the same small BatchNorm CNN through ``fastsam.train_step`` with SGD
 (momentum, weight decay, cosine lr) as the base optimizer and perturbation sub-batches of
@@ -6,7 +6,9 @@ Every method trains the same small BatchNorm CNN through ``fastsam.train_step`` 
 sees the same batch sizes. Optionally rho is tuned per method on a (label-noisy) validation
 split first. After training: clean test accuracy, training loss, the top Hessian eigenvalue
 (power iteration on a fixed set of training examples) and m-sharpness. A second study
-varies m (whole batch vs small sub-batches). Writes tables and plots into ``--out``.
+varies m (whole batch vs small sub-batches). Every run also counts its cost: gradient
+evaluations (examples through a forward/backward, per step, in units of the batch) and
+forward-only evaluations, and the CPU time per step. Writes tables and plots into ``--out``.
 
     python -m fastsam.experiments.compare --quick --out /tmp/fastsam-quick
 """
@@ -39,7 +41,20 @@ GSAM_RHO_MIN_FRACTION = 0.5  # GSAM's rho falls with the lr from rho_max to rho_
 ASAM_ETA = 0.01  # the ASAM authors' default
 OBF_C, OBF_GAMMA = 1000.0, 1e-12  # docs/ALGORITHMS.md §4: reference for convnets trained from scratch
 
-METHODS = ("SGD", "SAM", "ASAM", "GSAM", "OBF", "OBF+GSAM", "RandSAM")
+# The efficient variants (docs/ALGORITHMS.md §9), at the settings their papers recommend, sized
+# to cost about 1.2-1.5x SGD's gradient evaluations where the method has a knob for it.
+EVERY_K = 4  # a SAM step every 4th step: 1.25 gradient evaluations per step
+RST_P = 0.25  # RST / SS-SAM: Bernoulli(0.25) per step: 1.25 on average
+LOOKSAM_K, LOOKSAM_ALPHA = 5, 0.7  # LookSAM's defaults: 1.2
+# alpha rescales the stored orthogonal component to alpha ||g||; measured here, ||g_v|| / ||g_s||
+# at refresh steps is about 0.15 (0.29 at the first refresh), so 0.7 overstates it ~5x: also run
+# 0.2, the value Momentum-SAM's authors used for their LookSAM baseline
+LOOKSAM_SMALL_ALPHA = 0.2
+FSAM_SIGMA, FSAM_LAMBDA = 1.0, 0.9  # Friendly SAM's defaults
+ESAM_BETA, ESAM_GAMMA = 0.6, 0.5  # ESAM's CIFAR settings; ESAM-SWP: the weight perturbation alone (gamma = 1)
+EFFICIENT_METHODS = (f"Every-{EVERY_K}", f"RST-{RST_P:g}", "AE-SAM", "LookSAM", f"LookSAM-a{LOOKSAM_SMALL_ALPHA:g}",
+                     "MSAM", "F-SAM", "ESAM", "ESAM-SWP", "SAM-ON", "SAM-ON-ASAM")
+METHODS = ("SGD", "SAM", "ASAM", "GSAM", "OBF", "OBF+GSAM", "RandSAM") + EFFICIENT_METHODS
 # method -> rho candidates for tuning (the first is the default without tuning, e.g. in
 # --quick). ASAM's rho lives on the scale of |w|-weighted steps (docs/ALGORITHMS.md §2: ~10x SAM's);
 # RandSAM's noise direction needs a larger radius to change the loss at all.
@@ -48,10 +63,18 @@ RHO_GRIDS = {
     "ASAM": (0.5, 1.0, 2.0),
     "OBF": (0.05, 0.1, 0.2),
     "RandSAM": (0.5, 1.0, 2.0),
+    # Momentum-SAM's radius lives on another scale (its papers' runs: rho = 3 against SAM's 0.2),
+    # and SAM-ON perturbs only the normalisation layers (its paper: larger rho than SAM's)
+    "MSAM": (1.0, 0.3, 3.0),
+    "SAM-ON": (0.5, 0.1, 2.0),
+    # SAM-ON's recommended form: elementwise ASAM on the normalisation layers, with a large rho
+    "SAM-ON-ASAM": (3.0, 1.0, 10.0),
 }
 # GSAM takes SAM's rho as its rho_max and OBF+GSAM takes OBF's (as the GSAM paper builds on
-# SAM's radius): this keeps the tuning budget at four grids.
-RHO_FROM = {"GSAM": "SAM", "OBF+GSAM": "OBF"}
+# SAM's radius); the efficient variants of SAM's own direction take SAM's: this keeps the
+# tuning budget at seven grids.
+RHO_FROM = {"GSAM": "SAM", "OBF+GSAM": "OBF",
+            **{m: "SAM" for m in EFFICIENT_METHODS if m not in ("MSAM", "SAM-ON", "SAM-ON-ASAM")}}
 
 
 def rho_source(method: str) -> Optional[str]:
@@ -82,11 +105,18 @@ def config_name(method: str, micro_batch: int) -> str:
     return f"{method} (m={micro_batch})"
 
 
-def build_optimizer(method: str, params, rho: float, hp: dict, seed: int):
-    """(optimizer, ascent_loss) for ``method``; SGD is the plain torch optimizer."""
+def build_optimizer(method: str, params, rho: float, hp: dict, seed: int, model=None, total_steps: int = 1):
+    """(optimizer, ascent_loss) for ``method``; SGD is the plain torch optimizer.
+
+    ``model`` (for SAM-ON's param groups) and ``total_steps`` (AE-SAM's threshold schedule)
+    are needed by those methods only.
+    """
     base = dict(lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"])
     if method == "SGD":
         return torch.optim.SGD(params, **base), None
+    base["backend"] = hp.get("backend", "auto")
+    if method in EFFICIENT_METHODS:
+        return build_efficient(method, params, rho, base, seed, model, total_steps), None
     obf = method.startswith("OBF")
     options = {}
     if method == "ASAM":
@@ -102,6 +132,50 @@ def build_optimizer(method: str, params, rho: float, hp: dict, seed: int):
     optimizer = fastsam.SAM(params, torch.optim.SGD, rho=rho, **options, **base)
     ascent = fastsam.OutputBiasForgetting(C=OBF_C, gamma=OBF_GAMMA) if obf else None
     return optimizer, ascent
+
+
+def build_efficient(method: str, params, rho: float, base: dict, seed: int, model, total_steps: int):
+    sgd = torch.optim.SGD
+    if method == f"Every-{EVERY_K}":
+        return fastsam.SAM(params, sgd, rho=rho, schedule=fastsam.schedules.Every(EVERY_K), **base)
+    if method == f"RST-{RST_P:g}":
+        schedule = fastsam.schedules.Random(RST_P, generator=torch.Generator().manual_seed(20_000 + seed))
+        return fastsam.SAM(params, sgd, rho=rho, schedule=schedule, **base)
+    if method == "AE-SAM":
+        return fastsam.SAM(params, sgd, rho=rho, schedule=fastsam.schedules.Adaptive(total_steps), **base)
+    if method == "LookSAM":
+        return fastsam.LookSAM(params, sgd, rho=rho, k=LOOKSAM_K, alpha=LOOKSAM_ALPHA, **base)
+    if method == f"LookSAM-a{LOOKSAM_SMALL_ALPHA:g}":
+        return fastsam.LookSAM(params, sgd, rho=rho, k=LOOKSAM_K, alpha=LOOKSAM_SMALL_ALPHA, **base)
+    if method == "MSAM":
+        return fastsam.MomentumSAM(params, sgd, rho=rho, **base)
+    if method == "F-SAM":
+        return fastsam.FriendlySAM(params, sgd, rho=rho, sigma=FSAM_SIGMA, lmbda=FSAM_LAMBDA, **base)
+    if method in ("ESAM", "ESAM-SWP"):
+        return fastsam.ESAM(params, sgd, rho=rho, beta=ESAM_BETA, gamma=ESAM_GAMMA if method == "ESAM" else 1.0,
+                            generator=torch.Generator().manual_seed(30_000 + seed), **base)
+    if method == "SAM-ON":
+        return fastsam.SAM(fastsam.normalization_params(model), sgd, rho=rho, **base)
+    if method == "SAM-ON-ASAM":
+        return fastsam.SAM(fastsam.normalization_params(model), sgd, rho=rho, adaptive=True, eta=ASAM_ETA, **base)
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+class CostCounter:
+    """Examples that went through the model with gradients (forward + backward) and without (forward only)."""
+
+    def __init__(self, model):
+        self.grad_examples = self.forward_examples = 0
+        self.counting = False
+        model.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        if self.counting:
+            n = int(inputs[0].shape[0])
+            if torch.is_grad_enabled():
+                self.grad_examples += n
+            else:
+                self.forward_examples += n
 
 
 # -- one run ------------------------------------------------------------------------------
@@ -128,11 +202,12 @@ def train_one(spec: RunSpec, dataset: data_mod.Dataset, hp: dict, log_prefix: st
     torch.set_num_threads(hp["threads"])
     torch.manual_seed(spec.seed)
     model = data_mod.make_model(dataset, hp["width"])
-    optimizer, ascent = build_optimizer(spec.method, model.parameters(), spec.rho, hp, spec.seed)
     train = dataset.train
     n, batch = len(train), hp["batch_size"]
     steps_per_epoch = n // batch  # drop the last partial batch: every step sees B examples
     total_steps = hp["epochs"] * steps_per_epoch
+    optimizer, ascent = build_optimizer(spec.method, model.parameters(), spec.rho, hp, spec.seed, model, total_steps)
+    cost = CostCounter(model)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
     order = torch.Generator().manual_seed(spec.seed)
@@ -142,11 +217,13 @@ def train_one(spec: RunSpec, dataset: data_mod.Dataset, hp: dict, log_prefix: st
         model.train()
         perm = torch.randperm(n, generator=order)
         t0, c0 = time.perf_counter(), time.process_time()
+        cost.counting = True
         for i in range(steps_per_epoch):
             idx = perm[i * batch:(i + 1) * batch]
             fastsam.train_step(model, optimizer, train.x[idx], train.y[idx], F.cross_entropy,
                                ascent_loss=ascent, micro_batch=spec.micro_batch)
             schedule.step()
+        cost.counting = False
         wall += time.perf_counter() - t0
         cpu += time.process_time() - c0
         stats = evaluate(model, selection)
@@ -156,7 +233,9 @@ def train_one(spec: RunSpec, dataset: data_mod.Dataset, hp: dict, log_prefix: st
             print(f"{log_prefix}{spec.config} rho={spec.rho:g} seed={spec.seed} epoch {epoch}/{hp['epochs']}: "
                   f"{what} acc {100 * curve[-1]:.1f}%", flush=True)
     result = {**dataclasses.asdict(spec), "config": spec.config, "curve": curve,
-              "wall_ms_per_step": 1000 * wall / total_steps, "cpu_ms_per_step": 1000 * cpu / total_steps}
+              "wall_ms_per_step": 1000 * wall / total_steps, "cpu_ms_per_step": 1000 * cpu / total_steps,
+              "grad_evals_per_step": cost.grad_examples / (total_steps * batch),
+              "forward_evals_per_step": cost.forward_examples / (total_steps * batch)}
     if spec.purpose == "tune":
         result["val_acc"] = curve[-1]
         return result
@@ -259,6 +338,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="torch threads per run (1 is fastest for this model size: thread "
                              "start-up costs more than it saves on 16-example sub-batches)")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes")
+    parser.add_argument("--backend", default="auto", help="fastsam backend of the SAM-family optimizers")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the data and of the label noise")
     parser.add_argument("--log-every", type=int, default=10, help="epochs between progress lines of a run")
     parser.add_argument("--quiet", action="store_true", help="only one line per finished run")
@@ -306,7 +386,7 @@ def main(argv=None) -> int:
               batch_size=args.batch_size, epochs=args.epochs, threads=args.threads,
               hessian_examples=args.hessian_examples, hessian_iters=args.hessian_iters,
               hessian_tol=args.hessian_tol, msharp_m=args.msharp_m, msharp_rho=args.msharp_rho,
-              verbose=not args.quiet, log_every=args.log_every)
+              verbose=not args.quiet, log_every=args.log_every, backend=args.backend)
     print(f"fastsam experiments: {args.dataset}, {args.n_train}/{args.n_val}/{args.n_test} examples, "
           f"label noise {args.label_noise:g}, {args.epochs} epochs, {args.seeds} seeds, "
           f"B={args.batch_size}, m={args.micro_batch}, tune={args.tune}, jobs={args.jobs}", flush=True)
@@ -317,10 +397,13 @@ def main(argv=None) -> int:
     sources = list(dict.fromkeys(rho_source(method) for method in args.methods if rho_source(method)))
     rho = {source: args.rho_grids[source][0] for source in sources}
     if args.tune:  # at the main m only; the m study reuses that rho (same radius, other m)
+        # a one-point grid (--rho-grid METHOD=R) fixes rho: nothing to tune there
         specs = [RunSpec(source, args.micro_batch, candidate, args.tune_seed, "tune")
-                 for source in sources for candidate in args.rho_grids[source]]
+                 for source in sources if len(args.rho_grids[source]) > 1 for candidate in args.rho_grids[source]]
         tuning = run_all(specs, dataset, hp, args.jobs, "tune")
         for source in sources:  # highest validation accuracy; ties go to the smaller rho
+            if len(args.rho_grids[source]) == 1:
+                continue
             best = max((r for r in tuning if r["method"] == source), key=lambda r: (r["val_acc"], -r["rho"]))
             rho[source] = best["rho"]
         print("tuned rho: " + ", ".join(f"{source} {value:g}" for source, value in rho.items()), flush=True)
@@ -337,12 +420,15 @@ def main(argv=None) -> int:
                     schedule="cosine to 0 per step", gsam_alpha=GSAM_ALPHA,
                     gsam_rho_min_fraction=GSAM_RHO_MIN_FRACTION, asam_eta=ASAM_ETA, obf_C=OBF_C,
                     obf_gamma=OBF_GAMMA, rho_grids=args.rho_grids, rho_from=RHO_FROM,
+                    every_k=EVERY_K, rst_p=RST_P, ae_sam="Adaptive(total_steps): delta 0.9, lambda1 -1, lambda2 1",
+                    looksam_k=LOOKSAM_K, looksam_alpha=LOOKSAM_ALPHA, looksam_small_alpha=LOOKSAM_SMALL_ALPHA, fsam_sigma=FSAM_SIGMA, fsam_lambda=FSAM_LAMBDA,
+                    esam_beta=ESAM_BETA, esam_gamma=ESAM_GAMMA,
                     chosen_rho={config_name(*k): v for k, v in chosen.items()}),
                 machine=dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
                              cpus=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
                              fastsam=fastsam.__version__,
-                             sam_backend=fastsam.SAM([torch.zeros(1, requires_grad=True)],
-                                                     torch.optim.SGD, lr=0.1).backend_for("cpu")),
+                             sam_backend=fastsam.SAM([torch.zeros(1, requires_grad=True)], torch.optim.SGD, lr=0.1,
+                                                     backend=args.backend).backend_for("cpu")),
                 total_seconds=None)
     meta["total_seconds"] = time.perf_counter() - started
     paths = report.write(args.out, runs, tuning, configs, meta)

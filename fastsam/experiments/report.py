@@ -10,10 +10,11 @@ import statistics
 
 RUN_FIELDS = ("config", "method", "micro_batch", "rho", "seed", "test_acc", "train_loss", "train_acc",
               "train_memorised", "hessian_max_eig", "hessian_iters", "hessian_converged", "m_sharpness",
-              "wall_ms_per_step", "cpu_ms_per_step")
+              "wall_ms_per_step", "cpu_ms_per_step", "grad_evals_per_step", "forward_evals_per_step")
 SUMMARY_FIELDS = ("config", "method", "micro_batch", "rho", "seeds", "test_acc_mean", "test_acc_std",
                   "train_loss_mean", "train_memorised_mean", "hessian_max_eig_mean", "hessian_max_eig_std",
-                  "m_sharpness_mean", "wall_ms_per_step_mean", "cpu_ms_per_step_mean")
+                  "m_sharpness_mean", "wall_ms_per_step_mean", "cpu_ms_per_step_mean", "cpu_ms_per_step_std",
+                  "grad_evals_per_step_mean", "forward_evals_per_step_mean")
 
 
 def _mean_std(values):
@@ -40,7 +41,10 @@ def summarise(runs: list[dict], configs: list[tuple[str, int]]) -> list[dict]:
             hessian_max_eig_mean=eig, hessian_max_eig_std=eig_std,
             m_sharpness_mean=_mean_std([r["m_sharpness"] for r in mine])[0],
             wall_ms_per_step_mean=_mean_std([r["wall_ms_per_step"] for r in mine])[0],
-            cpu_ms_per_step_mean=_mean_std([r["cpu_ms_per_step"] for r in mine])[0]))
+            cpu_ms_per_step_mean=_mean_std([r["cpu_ms_per_step"] for r in mine])[0],
+            cpu_ms_per_step_std=_mean_std([r["cpu_ms_per_step"] for r in mine])[1],
+            grad_evals_per_step_mean=_mean_std([r.get("grad_evals_per_step") for r in mine])[0],
+            forward_evals_per_step_mean=_mean_std([r.get("forward_evals_per_step") for r in mine])[0]))
     return rows
 
 
@@ -53,16 +57,20 @@ def markdown_table(summary: list[dict], meta: dict) -> str:
         f"(power iteration, ≤ {a['hessian_iters']} iterations, tol {a['hessian_tol']:g}); "
         f"m-sharpness with m = {a['msharp_m']}, ρ = {a['msharp_rho']:g} on the same examples.",
         "",
+        "Cost: gradient evaluations (examples through forward + backward) and forward-only "
+        "evaluations per step, in units of the batch; CPU time per training step.",
+        "",
         "| configuration | ρ | test acc (%) | train loss | memorised noisy labels (%) | λ_max | "
-        "m-sharpness | wall ms/step | CPU ms/step |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "m-sharpness | grad evals/step | fwd-only/step | wall ms/step | CPU ms/step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in summary:
         lines.append(
             f"| {row['config']} | {row['rho']:g} | {100 * row['test_acc_mean']:.2f} ± {100 * row['test_acc_std']:.2f} "
             f"| {row['train_loss_mean']:.3f} | {100 * row['train_memorised_mean']:.1f} "
             f"| {row['hessian_max_eig_mean']:.3g} ± {row['hessian_max_eig_std']:.2g} "
-            f"| {row['m_sharpness_mean']:.3g} | {row['wall_ms_per_step_mean']:.1f} "
+            f"| {row['m_sharpness_mean']:.3g} | {row['grad_evals_per_step_mean']:.3g} "
+            f"| {row['forward_evals_per_step_mean']:.3g} | {row['wall_ms_per_step_mean']:.1f} "
             f"| {row['cpu_ms_per_step_mean']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -127,7 +135,8 @@ def plot(out: str, runs: list[dict], summary: list[dict], configs) -> list[str]:
         print("matplotlib is not installed: no plots (pip install -e \".[experiments]\")")
         return []
     written = []
-    colours = {config_name: plt.get_cmap("tab10")(i % 10) for i, config_name in enumerate(r["config"] for r in summary)}
+    palette, size = ("tab10", 10) if len(summary) <= 10 else ("tab20", 20)  # distinct colours for many configs
+    colours = {config_name: plt.get_cmap(palette)(i % size) for i, config_name in enumerate(r["config"] for r in summary)}
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for row in summary:
@@ -173,6 +182,9 @@ def plot(out: str, runs: list[dict], summary: list[dict], configs) -> list[str]:
     plt.close(fig)
     written.append("accuracy_vs_sharpness.png")
 
+    if all(row.get("grad_evals_per_step_mean") is not None for row in summary):
+        written.append(plot_cost(out, summary, runs, colours, plt))
+
     sizes = sorted({m for _, m in configs})
     methods = [method for method in dict.fromkeys(method for method, _ in configs)
                if sum(1 for row in summary if row["method"] == method) > 1]
@@ -202,3 +214,42 @@ def plot(out: str, runs: list[dict], summary: list[dict], configs) -> list[str]:
         plt.close(fig)
         written.append("m_study.png")
     return written
+
+
+def plot_cost(out: str, summary: list[dict], runs: list[dict], colours: dict, plt) -> str:
+    """accuracy_vs_cost.png: test accuracy against gradient evaluations and against CPU time per step."""
+    baseline = next((r for r in summary if r["method"] == "SGD"), None)
+    # the axis starts a few points below the baseline; configurations further down are named at its foot
+    floor = 100 * baseline["test_acc_mean"] - 4 if baseline else min(100 * r["test_acc_mean"] for r in summary) - 1
+    below = [r for r in summary if 100 * r["test_acc_mean"] < floor]
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5))
+    fig.subplots_adjust(left=0.05, right=0.84, wspace=0.18, bottom=0.1, top=0.93)
+    for ax, key, label in ((axes[0], "grad_evals_per_step", "gradient evaluations per step (batches)"),
+                           (axes[1], "cpu_ms_per_step", "CPU time per training step (ms)")):
+        for row in summary:
+            mine = [r for r in runs if r["config"] == row["config"]]
+            ax.scatter([r[key] for r in mine], [100 * r["test_acc"] for r in mine], s=14, alpha=0.4,
+                       color=colours[row["config"]])
+            ax.errorbar(row[f"{key}_mean"], 100 * row["test_acc_mean"], yerr=100 * row["test_acc_std"],
+                        xerr=row.get(f"{key}_std"), fmt="o", ms=7, capsize=3, color=colours[row["config"]],
+                        label=row["config"])
+            ax.annotate(row["method"], (row[f"{key}_mean"], 100 * row["test_acc_mean"]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy, clean labels (%)")
+        ax.grid(alpha=0.3)
+        top = max(100 * (r["test_acc_mean"] + r["test_acc_std"]) for r in summary) + 1
+        ax.set_ylim(floor, top)
+        if baseline is not None and key == "grad_evals_per_step":
+            ax.axvline(1.3 * baseline[f"{key}_mean"], color="grey", ls=":", lw=1)
+            ax.text(1.3 * baseline[f"{key}_mean"], top, " 1.3x SGD", fontsize=7, color="grey", va="top")
+        for row in below:
+            ax.annotate(f"{row['method']}: {100 * row['test_acc_mean']:.1f}% (below)", (row[f"{key}_mean"], floor),
+                        xytext=(0, 8), textcoords="offset points", fontsize=7, ha="center",
+                        arrowprops=dict(arrowstyle="->", color=colours[row["config"]]), color=colours[row["config"]])
+    axes[0].set_title("Accuracy vs gradient evaluations (mean ± std over seeds)")
+    axes[1].set_title("Accuracy vs CPU time (shared machine: inflated, noisy)")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.savefig(os.path.join(out, "accuracy_vs_cost.png"), dpi=120)
+    plt.close(fig)
+    return "accuracy_vs_cost.png"

@@ -31,6 +31,24 @@ accepts; "auto" picks per (device, dtype).
 ``accumulate_(accum, grads, scale, init=False)``
     ``accum <- scale * g`` if ``init`` else ``accum + scale * g``.
 
+The efficient variants (docs/ALGORITHMS.md §9) add three ops:
+
+``looksam_project_(gv, grads, ascent, stats, weight, init=False, eps=1e-12)``
+    LookSAM's refresh: ``gv <- (0 if init else gv) + weight * (g_s - c * g)`` with
+    ``c = <g, g_s> / (sqrt(||g||^2) + eps)^2``; ``grads`` are g_s (the descent gradient),
+    ``ascent`` is g (the clean gradient), ``stats`` is ``[<g_s, g>, ||g||^2]``, i.e.
+    ``gsam_reduce(g_s, g)`` summed over all groups.
+
+``looksam_combine_(grads, gv, grad_sumsq, gv_sumsq, alpha, eps=1e-12)``
+    LookSAM's reuse step: ``g <- g + alpha * sqrt(grad_sumsq) / (sqrt(gv_sumsq) + eps) * gv``
+    (``grad_sumsq`` and ``gv_sumsq`` 0-d device tensors).
+
+``friendly_direction_(direction, ema, grads, sigma, lam, init=False) -> Tensor``
+    Friendly SAM's ascent direction and gradient EMA in one pass: with ``init``
+    ``direction <- g; ema <- g``, else ``direction <- g - sigma * ema`` (the old EMA), then
+    ``ema <- lam * ema + (1 - lam) * g``. Returns the fp32 (fp64 for float64) 0-d sum of
+    squares of the stored (rounded) direction.
+
 ``a`` is 0, 1 or 2 and ``b`` is 0 or 1 (docs/ALGORITHMS.md §2); ``rho``, ``eta``, ``eps``,
 ``alpha`` and ``scale`` are Python floats.
 
@@ -98,6 +116,9 @@ eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled_weight_deca
 
 ``restore_accumulate_(params, backups, accum, grads, scale, init=False)``
     ``w <- backup`` bit-exactly and accumulate_'s update, one sweep.
+
+``alpha``, ``scale``, ``weight``, ``sigma`` and ``lam`` are Python floats (``rho`` may be
+negative: Momentum-SAM perturbs against its momentum with ``perturb_``).
 """
 
 from __future__ import annotations
@@ -111,7 +132,8 @@ import torch
 SUBSTEP_OP_NAMES = ("sumsq", "perturb_", "restore_", "gsam_reduce", "gsam_combine_", "accumulate_")
 FUSED_STEP_OP_NAMES = ("sgd_step_", "adam_step_", "restore_gsam_reduce", "gsam_combine_accumulate_",
                        "restore_accumulate_")
-OP_NAMES = SUBSTEP_OP_NAMES + FUSED_STEP_OP_NAMES
+VARIANT_OP_NAMES = ("looksam_project_", "looksam_combine_", "friendly_direction_")
+OP_NAMES = SUBSTEP_OP_NAMES + FUSED_STEP_OP_NAMES + VARIANT_OP_NAMES
 
 # Order in which backend="auto" tries backends, by device type: the first one that can run
 # there and takes the dtype. The rule is "fastest end to end in the recorded runs, never a
@@ -160,6 +182,9 @@ class Backend:
     restore_gsam_reduce: Callable
     gsam_combine_accumulate_: Callable
     restore_accumulate_: Callable
+    looksam_project_: Callable
+    looksam_combine_: Callable
+    friendly_direction_: Callable
     unavailable_reason: Callable[[torch.device], Optional[str]]
     dtypes: tuple = ALL_FLOAT_DTYPES
     # True when the ops also take a ``fastsam._C.GradsOf`` view (gradients read in C++

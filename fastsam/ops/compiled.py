@@ -369,6 +369,43 @@ def restore_accumulate_(params: Sequence[Tensor], backups: Sequence[Tensor], acc
     if len(params):
         _call("restore_accumulate_", (_seq(params), _seq(backups), _seq(accum), _seq(grads), float(scale),
                                       bool(init)))
+# -- the efficient variants' bookkeeping (csrc/variant_*.cpp, docs/ALGORITHMS.md §9) ------
+
+def looksam_project_(gv: Sequence[Tensor], grads: Sequence[Tensor], ascent: Sequence[Tensor], stats: Tensor,
+                     weight: float, init: bool = False, eps: float = 1e-12) -> None:
+    if len(gv):
+        gv, grads, ascent = _seq(gv), _seq(grads), _seq(ascent)
+        stats = _device_scalar(stats, gv[0])
+        eager = _eager()
+        if eager is not None and eager.looksam_project_(gv, grads, ascent, stats, float(weight), bool(init),
+                                                        float(eps)) is not NotImplemented:
+            return
+        _ops().looksam_project_(gv, _listed(grads), _listed(ascent), stats, float(weight), bool(init), float(eps))
+
+
+def looksam_combine_(grads: Sequence[Tensor], gv: Sequence[Tensor], grad_sumsq: Tensor, gv_sumsq: Tensor,
+                     alpha: float, eps: float = 1e-12) -> None:
+    if len(gv):
+        grads, gv = _seq(grads), _seq(gv)
+        grad_sumsq, gv_sumsq = _device_scalar(grad_sumsq, gv[0]), _device_scalar(gv_sumsq, gv[0])
+        eager = _eager()
+        if eager is not None and eager.looksam_combine_(grads, gv, grad_sumsq, gv_sumsq, float(alpha),
+                                                        float(eps)) is not NotImplemented:
+            return
+        _ops().looksam_combine_(_listed(grads), gv, grad_sumsq, gv_sumsq, float(alpha), float(eps))
+
+
+def friendly_direction_(direction: Sequence[Tensor], ema: Sequence[Tensor], grads: Sequence[Tensor], sigma: float,
+                        lam: float, init: bool = False) -> Tensor:
+    if not len(direction):
+        return torch.zeros((), dtype=torch.float32)
+    direction, ema, grads = _seq(direction), _seq(ema), _seq(grads)
+    eager = _eager()
+    if eager is not None:
+        out = eager.friendly_direction_(direction, ema, grads, float(sigma), float(lam), bool(init))
+        if out is not NotImplemented:
+            return out
+    return _ops().friendly_direction_(direction, ema, _listed(grads), float(sigma), float(lam), bool(init))
 
 
 # The kernels compute in fp32; the contract computes float64 tensors in fp64, which

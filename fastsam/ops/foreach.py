@@ -339,6 +339,46 @@ def restore_accumulate_(params: Sequence[Tensor], backups: Sequence[Tensor], acc
                         grads: Sequence[Tensor], scale: float, init: bool = False) -> None:
     restore_(params, backups)
     accumulate_(accum, grads, scale, init)
+# -- the efficient variants' bookkeeping (docs/ALGORITHMS.md §9) --
+
+def looksam_project_(gv: Sequence[Tensor], grads: Sequence[Tensor], ascent: Sequence[Tensor], stats: Tensor,
+                     weight: float, init: bool = False, eps: float = 1e-12) -> None:
+    if not gv:
+        return
+    gv = list(gv)
+    coefficient = stats[0] / (stats[1].sqrt() + eps).square()
+    orthogonal = torch._foreach_mul(list(ascent), -coefficient)
+    torch._foreach_add_(orthogonal, list(grads))
+    if init:
+        if weight != 1.0:
+            torch._foreach_mul_(orthogonal, weight)
+        torch._foreach_copy_(gv, orthogonal)
+    else:
+        torch._foreach_add_(gv, orthogonal, alpha=weight)
+
+
+def looksam_combine_(grads: Sequence[Tensor], gv: Sequence[Tensor], grad_sumsq: Tensor, gv_sumsq: Tensor,
+                     alpha: float, eps: float = 1e-12) -> None:
+    if not gv:
+        return
+    coefficient = alpha * grad_sumsq.sqrt() / (gv_sumsq.sqrt() + eps)
+    torch._foreach_add_(list(grads), torch._foreach_mul(list(gv), coefficient))
+
+
+def friendly_direction_(direction: Sequence[Tensor], ema: Sequence[Tensor], grads: Sequence[Tensor], sigma: float,
+                        lam: float, init: bool = False) -> Tensor:
+    if not direction:
+        return _zero("cpu")
+    direction, ema, grads = list(direction), list(ema), list(grads)
+    if init:
+        torch._foreach_copy_(direction, grads)
+        torch._foreach_copy_(ema, grads)
+    else:
+        torch._foreach_copy_(direction, grads)
+        torch._foreach_add_(direction, ema, alpha=-sigma)
+        torch._foreach_mul_(ema, lam)
+        torch._foreach_add_(ema, grads, alpha=1.0 - lam)
+    return _sum_of_squared_norms(direction)
 
 
 BACKEND = backend_from_functions("foreach", globals())

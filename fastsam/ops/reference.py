@@ -211,6 +211,44 @@ def restore_accumulate_(params: Sequence[Tensor], backups: Sequence[Tensor], acc
                         grads: Sequence[Tensor], scale: float, init: bool = False) -> None:
     restore_(params, backups)
     accumulate_(accum, grads, scale, init)
+# -- the efficient variants' bookkeeping (docs/ALGORITHMS.md §9) --
+
+def _projection_coefficient(stats: Tensor, eps: float) -> Tensor:
+    """LookSAM's c = <g, g_s> / (||g|| + eps)^2 from stats = [<g_s, g>, ||g||^2]."""
+    return stats[0] / (stats[1].sqrt() + eps).square()
+
+
+def looksam_project_(gv: Sequence[Tensor], grads: Sequence[Tensor], ascent: Sequence[Tensor], stats: Tensor,
+                     weight: float, init: bool = False, eps: float = 1e-12) -> None:
+    c = _projection_coefficient(stats, eps)
+    with torch.no_grad():
+        for v, g_s, g in zip(gv, grads, ascent):
+            orthogonal = _upcast(g_s) - c * _upcast(g)
+            v.copy_(weight * orthogonal if init else _upcast(v) + weight * orthogonal)
+
+
+def looksam_combine_(grads: Sequence[Tensor], gv: Sequence[Tensor], grad_sumsq: Tensor, gv_sumsq: Tensor,
+                     alpha: float, eps: float = 1e-12) -> None:
+    coefficient = alpha * grad_sumsq.sqrt() / (gv_sumsq.sqrt() + eps)
+    with torch.no_grad():
+        for g, v in zip(grads, gv):
+            g.copy_(_upcast(g) + coefficient * _upcast(v))
+
+
+def friendly_direction_(direction: Sequence[Tensor], ema: Sequence[Tensor], grads: Sequence[Tensor], sigma: float,
+                        lam: float, init: bool = False) -> Tensor:
+    total = _accumulator(grads)
+    with torch.no_grad():
+        for d, m, g in zip(direction, ema, grads):
+            if init:
+                d.copy_(g)
+                m.copy_(g)
+            else:
+                g32, m32 = _upcast(g), _upcast(m)
+                d.copy_(g32 - sigma * m32)
+                m.copy_(lam * m32 + (1.0 - lam) * g32)
+            total = total + _upcast(d).square().sum()  # of the stored direction, as perturb_ reads it
+    return total
 
 
 BACKEND = backend_from_functions("reference", globals())

@@ -807,5 +807,7 @@ def restore_accumulate_(params: Sequence[Tensor], backups: Sequence[Tensor], acc
             *launch.bases, *launch.plan_args(), float(scale), INIT=bool(init), **launch.sizes())
     launch.finish()
 
+# the efficient variants' ops, on this module's launch machinery (imported last: it uses it)
+from fastsam.ops.triton_variants import friendly_direction_, looksam_combine_, looksam_project_  # noqa: E402
 
 BACKEND = backend_from_functions("triton", globals(), unavailable_reason, SUPPORTED_DTYPES)
