@@ -44,14 +44,16 @@ def test_quick_run_writes_table_json_csv_and_plot(tmp_path, capsys):
     assert result["settings"]["backends"][:2] == ["reference", "foreach"]
     assert sorted(result["settings"]["backends"]) == sorted(backends)
     rows = result["results"]
-    assert {(r["backend"], r["item"]) for r in rows} == {(b, i) for b in backends for i in ITEMS}
+    assert {(r["backend"], r["item"]) for r in rows} == {(b, i) for b in backends for i in cli.ALL_ITEMS}
     copy_gbps = result["copy_bandwidth"]["GBps"]
     assert copy_gbps > 0
     n = workloads.WORKLOADS["mini"].numel
+    mini = workloads.TensorSet(workloads.WORKLOADS["mini"], "cpu", torch.float32)
     for r in rows:
         assert r["error"] is None
         assert r["numel"] == n and r["tensors"] == 8
-        assert r["bytes"] == ITEMS[r["item"]].units * 4 * n
+        assert r["bytes"] == (ITEMS[r["item"]].units * 4 * n if r["item"] in ITEMS
+                              else variants.bytes_moved(r["item"], mini))
         assert r["reps"] >= 2 and 0 < r["min_ms"] <= r["median_ms"]
         assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
         assert math.isclose(r["GBps"], r["bytes"] / (r["median_ms"] * 1e-3) / 1e9, rel_tol=1e-9)
@@ -145,7 +147,9 @@ def test_a_failing_backend_is_recorded_and_the_others_still_run(monkeypatch, tmp
     assert cli.main(QUICK + ["--backends", "foreach,flaky", "--json", str(out)]) == 1
     rows = json.loads(out.read_text())["results"]
     failed = {r["item"] for r in rows if r["error"]}
-    assert failed == {"perturb_", "sam_substep", "gsam_substep", "optimizer_substep", "kernels_substep"}
+    # every item that perturbs: the SAM family's, and the variants' that do (fastsam.bench.variants)
+    assert failed == {"perturb_", "sam_substep", "gsam_substep", "optimizer_substep", "kernels_substep",
+                      "looksam_refresh", "msam_substep", "fsam_substep", "esam_swp_substep"}
     assert all("kernel exploded" in r["error"] for r in rows if r["error"])
     assert all(r["median_ms"] > 0 for r in rows if not r["error"])
     assert "FAILED" in capsys.readouterr().out
@@ -455,3 +459,30 @@ def test_bench_modules_import_no_cycle():
         return any(d == target or (d not in seen and reaches(d, target, seen + (d,))) for d in graph.get(start, ()))
     cycles = [m for m in graph if reaches(m, m)]
     assert not cycles, f"import cycles through {cycles}: {graph}"
+
+
+def test_full_step_items_in_the_ops_run(tmp_path):
+    out = tmp_path / "full.json"
+    assert cli.main(QUICK + ["--items", "sam_substep", "--backends", "foreach,cpp", "--full-step",
+                             "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = [r for r in result["results"] if r["kind"] == "full_step"]
+    assert {(r["backend"], r["item"]) for r in rows} == {
+        (b, f"sam_{o}_{v}") for b in ("foreach", "cpp") for o in ("sgd_momentum", "adamw") for v in ("unfused", "fused")}
+    assert all(r["median_ms"] > 0 and r["speedup_fused_vs_unfused"] > 0 for r in rows)
+    table = report.format_result(result)
+    assert "Full SAM step with the base step" in table and "fused vs unfused" in table
+
+
+@pytest.mark.slow  # 18 s on the 2-core CI machine
+def test_e2e_has_the_cheap_methods(tmp_path):
+    out = tmp_path / "e2e.json"
+    assert cli.main(["--e2e", "--quick", "--quiet", "--backends", "cpp", "--models", "resnet", "--json",
+                     str(out)]) == 0
+    result = json.loads(out.read_text())
+    methods = [r for r in result["results"] if r.get("kind") == "method"]
+    assert {r["method"] for r in methods} == set(variants.E2E_METHODS)
+    assert all(r["error"] is None and r["steps_per_s"] > 0 for r in methods)
+    base = next(r for r in methods if r["method"] == "base")
+    assert base["time_vs_base"] == 1.0
+    assert "The cheap SAM variants end to end" in report.format_result(result)

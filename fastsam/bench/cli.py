@@ -20,10 +20,12 @@ import torch
 from fastsam import ops
 from fastsam.bench import e2e as e2e_mod
 from fastsam.bench import engine, report
+from fastsam.bench import full_step as full_step_mod
 from fastsam.bench import host as host_mod
 from fastsam.bench import peers as peers_mod
 from fastsam.bench import plot as plot_mod
 from fastsam.bench import results as results_mod
+from fastsam.bench import variants as variants_mod
 from fastsam.bench.env import environment, load_average
 from fastsam.bench.workloads import WORKLOADS, parse_workloads
 
@@ -96,13 +98,18 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+# The items of the ops mode: the SAM family's (fastsam.bench.engine) and the efficient
+# variants' (fastsam.bench.variants), each with its own byte floor.
+ALL_ITEMS = {**engine.ITEMS, **variants_mod.ITEMS}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--backends", help="comma-separated backend names (default: every available one)")
     p.add_argument("--workloads", help=f"comma-separated, from {', '.join(WORKLOADS)}; 'all' = the defaults")
-    p.add_argument("--items", help=f"comma-separated, from {', '.join(engine.ITEMS)} (default: all)")
+    p.add_argument("--items", help=f"comma-separated, from {', '.join(ALL_ITEMS)} (default: all)")
     p.add_argument("--peers", action="store_true",
                    help="also time the peer baselines (other implementations' SAM/GSAM sub-steps) on the same tensors")
     p.add_argument("--dtype", default="fp32", help="fp32 (default) or bf16")
@@ -111,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="few repetitions, for smoke runs (numbers are rough)")
     p.add_argument("--full", action="store_true",
                    help="on the CPU, time the reference backend on every workload (slow: minutes for gpt2)")
+    p.add_argument("--full-step", action="store_true",
+                   help="also time whole SAM steps with their base step, unfused against fused "
+                        f"(SGD momentum, AdamW; on {', '.join(full_step_mod.DEFAULT_WORKLOADS)} unless --workloads "
+                        "names others)")
     p.add_argument("--e2e", action="store_true", help="end-to-end training steps instead of the ops")
     p.add_argument("--models", help=f"--e2e models, comma-separated from {', '.join(e2e_mod.MODELS)} (default: all)")
     p.add_argument("--json", metavar="FILE", help="write the results (with machine, versions, date) as JSON")
@@ -247,7 +258,9 @@ def run_ops(args, device: torch.device, dtype: torch.dtype, backends: dict, note
         workloads = parse_workloads(args.workloads)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    items = _choose(args.items, engine.ITEMS, "item") if args.items else list(engine.ITEMS)
+    items = _choose(args.items, ALL_ITEMS, "item") if args.items else list(ALL_ITEMS)
+    core_items = [i for i in items if i in engine.ITEMS]
+    variant_items = [i for i in items if i in variants_mod.ITEMS]
     peer_names = list(peers_mod.PEERS) if args.peers else []
     if args.peers:
         if not set(items) & set(peers_mod.ITEMS):
@@ -272,15 +285,30 @@ def run_ops(args, device: torch.device, dtype: torch.dtype, backends: dict, note
                   f"workloads {', '.join(workloads)}; measuring copy bandwidth")
     copy = timer.copy_bandwidth()
     progress.note(f"copy bandwidth: {copy['GBps']:.1f} GB/s")
+    # --full-step: the large models' shapes unless workloads were named
+    full_step_workloads = ([] if not args.full_step else workloads if args.workloads
+                           else [w for w in workloads if w in full_step_mod.DEFAULT_WORKLOADS])
+    full_step_backends = [n for n in backends if n != "reference"]
+    progress.total += len(full_step_workloads) * len(full_step_backends) * len(full_step_mod.OPTIMIZERS)
     rows: list = []
     try:
         for w, wb in plan:
-            for row in engine.iter_workload(timer, WORKLOADS[w], wb, items, dtype, copy["GBps"], progress,
+            for row in engine.iter_workload(timer, WORKLOADS[w], wb, core_items, dtype, copy["GBps"], progress,
                                             with_peers=args.peers):
                 rows.append(row)
+            for row in variants_mod.run_workload(timer, WORKLOADS[w], wb, variant_items, dtype, copy["GBps"],
+                                                 progress):
+                rows.append({**dict.fromkeys(engine.ROW_KEYS), "kind": "backend", **row})
+        for name in full_step_backends:
+            if not full_step_workloads:
+                break
+            measured = full_step_mod.run(device, full_step_workloads, name, dtype, quick=args.quick,
+                                         progress=progress)
+            rows += [{**row, "kind": "full_step", "copy_GBps": measured["copy"]["GBps"]}
+                     for row in measured["results"]]
     except KeyboardInterrupt:  # e.g. a time limit's SIGINT: keep and report what was measured
         notes.append(f"INTERRUPTED after {len(rows)} of {progress.total} measurements: results are partial")
-    engine.finish_rows(rows, device.type)
+    engine.finish_rows([r for r in rows if r.get("kind") != "full_step"], device.type)
     env["load_average_end"] = load_average()
     return {"fastsam_bench": 1, "kind": "ops", "environment": env,
             "settings": {"dtype": args.dtype, "quick": args.quick, "full": args.full, "workloads": workloads,
@@ -299,9 +327,15 @@ def run_e2e(args, device: torch.device, dtype: torch.dtype, backends: dict, note
     progress.note(f"{PROG} --e2e: {env['device_name']}, {args.dtype}, batch {settings.batch} of "
                   f"{settings.image} px images, backends {', '.join(backends)}")
     rows: list = []
+    methods = list(variants_mod.E2E_METHODS)
+    progress.total += len(models) * len(methods)
     try:
         for m in models:
             rows += e2e_mod.run_model(e2e_mod.MODELS[m], list(backends), device, dtype, settings, progress)
+        for m in models:  # the cheap SAM variants against the base optimizer alone (auto backend)
+            if methods:
+                rows += [{**row, "kind": "method"} for row in variants_mod.run_e2e(
+                    e2e_mod.MODELS[m], device, dtype, settings, methods=methods, progress=progress)]
     except KeyboardInterrupt:  # keep the models already measured
         notes.append(f"INTERRUPTED: {len(rows)} of {progress.total} configurations measured; results are partial")
     env["load_average_end"] = load_average()
@@ -317,6 +351,10 @@ def list_everything() -> str:
               for w in WORKLOADS.values()]
     lines += ["items:"] + [f"  {i.name:17s} {i.description} ({i.units} x N x element size bytes)"
                            for i in engine.ITEMS.values()]
+    lines += ["efficient variants' items (fastsam.bench.variants; floors per item):"]
+    lines += [f"  {i.name:17s} {i.description}" for i in variants_mod.ITEMS.values()]
+    lines += ["--full-step items: " + ", ".join(full_step_mod.item_name(o, v) for o in full_step_mod.OPTIMIZERS
+                                                for v in full_step_mod.VARIANTS)]
     lines += ["peers (--peers; items " + ", ".join(peers_mod.ITEMS) + "):"]
     lines += [f"  {name:17s} {cls.description}{'' if cls.has_gsam else ' (no GSAM)'}"
               for name, cls in peers_mod.PEERS.items()]
@@ -351,8 +389,9 @@ def main(argv=None) -> int:
             if args.threads < 1:
                 raise UsageError(f"--threads must be >= 1; got {args.threads}")
             torch.set_num_threads(args.threads)
-        if args.e2e and (args.workloads or args.items or args.full or args.peers):
-            raise UsageError("--workloads, --items, --full and --peers belong to the ops mode, not --e2e (use --models)")
+        if args.e2e and (args.workloads or args.items or args.full or args.peers or args.full_step):
+            raise UsageError("--workloads, --items, --full, --peers and --full-step belong to the ops mode, "
+                             "not --e2e (use --models)")
         if args.models and not args.e2e:
             raise UsageError("--models belongs to --e2e")
         for path, option in ((args.json, "--json"), (args.csv, "--csv"), (args.plot, "--plot")):

@@ -12,6 +12,7 @@ import sys
 import textwrap
 from typing import Optional
 
+from fastsam.bench import variants as variants_mod
 from fastsam.bench.results import ResultsFileError, write_csv
 
 
@@ -132,9 +133,34 @@ HOST_TITLE_GPU = ("Host time: one SAM sub-step through fastsam.SAM (first_step +
                   "(CUDA events), host us = time to queue one sub-step, host % = of the optimizer's device time")
 
 
+def full_step_table(result: dict) -> str:
+    """One line per (workload, optimizer, backend): unfused and fused SAM step, speed-up."""
+    rows = [r for r in result["results"] if r.get("kind") == "full_step"]
+    if not rows:
+        return ""
+    pairs = {}
+    for r in rows:
+        optimizer, variant = r["item"][len("sam_"):].rsplit("_", 1)
+        pairs.setdefault((r["workload"], optimizer, r["backend"]), {})[variant] = r
+    body = []
+    for (workload, optimizer, backend), pair in pairs.items():
+        unfused, fused = pair.get("unfused"), pair.get("fused")
+        body.append([workload, optimizer, backend, unfused.get("base_step", "") if unfused else "-",
+                     _time_cell(unfused), _pct(unfused.get("spread_pct")) if unfused else "-",
+                     _time_cell(fused), _pct(fused.get("spread_pct")) if fused else "-",
+                     _num(fused.get("speedup_fused_vs_unfused") if fused else None, ".2f") + "x"])
+    return _table(["workload", "optimizer", "backend", "unfused base step", "unfused ms [%bw]", "spread",
+                   "fused ms [%bw]", "spread", "fused vs unfused"], body, right={4, 5, 6, 7, 8})
+
+
+FULL_STEP_TITLE = ("Full SAM step with the base step (sumsq + perturb_, then restore_ + torch's step, or fastsam's "
+                   "fused step from the backups; floors: SGD momentum 48N vs 40N, AdamW 56N vs 48N bytes in fp32): "
+                   "median ms [% of copy bandwidth against each path's own floor]")
+
+
 def ops_table(result: dict) -> str:
     """Every measurement: one line per (workload, item, backend)."""
-    rows = result["results"]
+    rows = [r for r in result["results"] if r.get("kind") != "full_step"]
     order = {key: {v: i for i, v in enumerate(dict.fromkeys(r[key] for r in rows))}
              for key in ("workload", "item", "backend")}
     rows = sorted(rows, key=lambda r: tuple(order[k][r[k]] for k in ("workload", "item", "backend")))
@@ -152,9 +178,23 @@ def ops_table(result: dict) -> str:
                    "x ref", "x foreach", "x peer", "host us"], body, right=set(range(3, 12)))
 
 
+def methods_table(result: dict) -> str:
+    """The cheap SAM variants end to end: steps/s and step time against the base optimizer alone."""
+    rows = [r for r in result["results"] if r.get("kind") == "method"]
+    if not rows:
+        return ""
+    body = [[r["model"], r["base"], r["method"], str(r["micro_batch"]), _num(r.get("steps_per_s"), ".2f"),
+             _num(r.get("median_ms"), ".1f", "FAILED"), _pct(r.get("spread_pct")), _num(r.get("time_vs_base"), ".2f")]
+            for r in rows]
+    return _table(["model", "base", "method", "sub-batch", "steps/s", "step ms", "spread", "x base time"], body,
+                  right=set(range(3, 8)))
+
+
 def e2e_table(result: dict) -> str:
     body = []
     for r in result["results"]:
+        if r.get("kind") == "method":
+            continue
         label = "base only" if r["optimizer"] == "base" else f"SAM {r['backend']}"
         body.append([r["model"], f"{r['base']}", label, str(r["micro_batch"]), _num(r["steps_per_s"], ".2f"),
                      _num(r["median_ms"], ".1f", "FAILED"), _pct(r["spread_pct"]), _num(r["fwd_bwd_ms"], ".1f"),
@@ -186,6 +226,12 @@ def format_result(result: dict, brief: bool = False) -> str:
             table = headline_table(result, item)
             if table:
                 out += ["", title + ": median ms [% of copy bandwidth]", table]
+        for item in variants_mod.STEP_ITEMS:
+            table = headline_table(result, item)
+            if table:
+                spec = variants_mod.ITEMS[item]
+                out += ["", f"{item}: {spec.description} (floor {spec.units} x N x element size bytes): "
+                        "median ms [% of copy bandwidth]", table]
         if any(r.get("kind") == "peer" for r in result["results"]):
             out += ["", "Peers (fastsam.bench.peers): median ms [% of copy bandwidth]", peers_table(result),
                     textwrap.fill(PEER_CAP_NOTE, 110)]
@@ -193,6 +239,9 @@ def format_result(result: dict, brief: bool = False) -> str:
         if table:
             gpu = result["environment"].get("device_type") == "cuda"
             out += ["", textwrap.fill(HOST_TITLE_GPU if gpu else HOST_TITLE_CPU, 110), table]
+        table = full_step_table(result)
+        if table:
+            out += ["", textwrap.fill(FULL_STEP_TITLE, 110), table]
         if not brief:
             out += ["", "All measurements (median over reps after warm-up; spread = (p80 - p20) / median; "
                     "x ref / x foreach / x peer = speed-up over reference, foreach, the best peer; "
@@ -200,10 +249,14 @@ def format_result(result: dict, brief: bool = False) -> str:
     else:
         out += ["", "End-to-end training steps (% outside = share of step time outside forward/backward)",
                 e2e_table(result)]
+        table = methods_table(result)
+        if table:
+            out += ["", "The cheap SAM variants end to end (fastsam.bench.variants; backend auto; x base time = "
+                    "step time over the base optimizer's alone)", table]
     for r in result["results"]:
         if r.get("error"):
             where = r.get("workload") or r.get("model")
-            out.append(f"FAILED: {where} {r['backend']} {r.get('item', '')}: {r['error']}")
+            out.append(f"FAILED: {where} {r['backend']} {r.get('item') or r.get('method') or ''}: {r['error']}")
     for note in result.get("notes", []):
         out.append(f"note: {note}")
     return "\n".join(out)
