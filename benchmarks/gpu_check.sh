@@ -12,10 +12,11 @@
 #   2. build  the compiled extension in place, offline:
 #             pip install --no-build-isolation --no-deps --no-index -e .   -> build.log
 #   3. tests  every GPU-marked test: python -m pytest -m gpu tests    -> gpu-tests.log
-#   4. bench  python -m fastsam.bench --device cuda --peers           -> bench.log, bench.json, bench.png
+#   4. bench  python -m fastsam.bench --device cuda --peers --full-step (ops, the variants' items,
+#             host items, peers, full SAM steps unfused vs fused)  -> bench.log, bench.json, bench.png
 #             (every item, so also the host-time items optimizer_substep and kernels_substep,
 #             and the peer baselines on the SAM and GSAM sub-steps)
-#   5. e2e    python -m fastsam.bench --e2e --device cuda             -> bench.log, e2e.json, e2e.png
+#   5. e2e    python -m fastsam.bench --e2e --device cuda (with the cheap variants)  -> bench.log, e2e.json, e2e.png
 # then a summary table, printed last and kept in summary.txt. OUTDIR ends up with at most
 # 8 files, no folders: summary.txt build.log gpu-tests.log bench.log bench.json bench.png
 # e2e.json e2e.png (the device tool brings back at most 8 files). CSV rows can be made
@@ -178,10 +179,10 @@ fi
 # -- 4. bench and 5. e2e ---------------------------------------------------------------------
 : > "$OUT/bench.log"
 if [ "$DRY_RUN" = 1 ]; then
-  BENCH_ARGS=(--device cpu --quick --workloads mini --threads 1 --peers)
+  BENCH_ARGS=(--device cpu --quick --workloads mini --threads 1 --peers --full-step)
   E2E_ARGS=(--device cpu --quick --threads 1)
 elif [ "$HAS_CUDA" = 1 ]; then
-  BENCH_ARGS=(--device cuda --peers)
+  BENCH_ARGS=(--device cuda --peers --full-step)
   E2E_ARGS=(--device cuda)
 fi
 PLOT=1
