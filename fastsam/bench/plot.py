@@ -87,7 +87,7 @@ def plot_ops(result: dict, path: str) -> None:
 
 def plot_e2e(result: dict, path: str) -> None:
     plt = require_matplotlib()
-    rows = result["results"]
+    rows = [r for r in result["results"] if r.get("kind") != "method"]  # the cheap variants: a table only
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(2, len(models), figsize=(max(6.5, 5 * len(models) + 1), 7.5), squeeze=False)
     for col, m in enumerate(models):
