@@ -4,8 +4,8 @@
 of them; ``tests.mutation_check`` installs each mutant in turn (through ``FASTSAM_MUTANT``,
 read by ``tests/conftest.py``) and requires the default test selection to fail.
 
-A mutant is built with ``backend_from_functions``, so it has only the six ops of the
-contract: whatever uses the backend (the ops tests, the optimizer) goes through them.
+A mutant is built with ``backend_from_functions``, so it has only the ops of the contract
+(no in-place gradient views): whatever uses the backend (the ops tests, the optimizer) goes through them.
 Arguments are passed through untouched (``*args, **kwargs``), so a keyword added to an op
 later reaches the real implementation.
 """

@@ -39,9 +39,11 @@ DESCRIPTION = """\
 Throughput of fastsam's SAM bookkeeping, per backend, on the parameter shapes of real models.
 
 What is measured (ops mode, the default): for each workload and each backend, the six ops
-of the backend contract (sumsq, perturb_, restore_, gsam_reduce, gsam_combine_,
-accumulate_), a SAM sub-step (sumsq + perturb_ + restore_) and a GSAM sub-step (+ the
-ascent copy, gsam_reduce, gsam_combine_). Each is warmed up, then timed call by call
+of a SAM sub-step (sumsq, perturb_, restore_, gsam_reduce, gsam_combine_, accumulate_), a
+SAM sub-step (sumsq + perturb_ + restore_), a GSAM sub-step (+ the ascent copy,
+gsam_reduce, gsam_combine_), and the efficient variants' ops and cheap steps
+(fastsam.bench.variants), each against its own byte floor; --full-step adds whole SAM steps
+with the base step, restore_ + torch's step against fastsam's fused step. Each is warmed up, then timed call by call
 (CUDA events on a GPU, with the L2 cache flushed before each call; perf_counter on the CPU);
 the table shows the median and the spread (p80 - p20) / median. Bandwidth counts only the
 bytes that must move (a SAM sub-step: 28N bytes for N fp32 parameters) and is shown as a %
