@@ -60,11 +60,13 @@ struct StepScalarArgs {
   bool maximize = false;
 };
 
+// may_skip: a found_inf was passed. A skipped step leaves the written lists as they were, so a
+// strided one's contiguous stand-in must start as a copy (on CUDA it is copied back regardless).
 StepLists prepare_sgd_lists(TensorRefs params, TensorRefs grads, TensorRefs momentum_buffers, TensorRefs backups,
-                            bool momentum, bool first, TensorRefs ascent, TensorRefs accum);
+                            bool momentum, bool first, bool may_skip, TensorRefs ascent, TensorRefs accum);
 StepLists prepare_adam_lists(TensorRefs params, TensorRefs grads, TensorRefs exp_avgs, TensorRefs exp_avg_sqs,
-                             TensorRefs max_exp_avg_sqs, TensorRefs backups, bool amsgrad, TensorRefs ascent,
-                             TensorRefs accum);
+                             TensorRefs max_exp_avg_sqs, TensorRefs backups, bool amsgrad, bool may_skip,
+                             TensorRefs ascent, TensorRefs accum);
 
 StepScalarArgs step_scalar_args(const char* op, at::Device device, const OptionalTensor& lr_tensor,
                                 const OptionalTensor& grad_scale, const OptionalTensor& found_inf,

@@ -266,7 +266,8 @@ void sgd_step_cpu(TensorRefs params, TensorRefs grads, TensorRefs momentum_buffe
                   double gsam_eps, TensorRefs accum, double accum_scale) {
   check_sgd_hyper(lr, momentum, dampening, nesterov, !momentum_buffers.empty());
   if (params.empty()) return;
-  StepLists sl = prepare_sgd_lists(params, grads, momentum_buffers, backups, momentum != 0.0, first, ascent, accum);
+  StepLists sl = prepare_sgd_lists(params, grads, momentum_buffers, backups, momentum != 0.0, first,
+                                   found_inf.has_value(), ascent, accum);
   const StepScalarArgs a = step_scalar_args("sgd_step_", sl.prep.device, lr_tensor, grad_scale, found_inf,
                                             sl.gsam, gsam_stats, alpha, gsam_eps, accum_scale, maximize);
   if (skipped(a)) return restore_sources(sl);
@@ -305,7 +306,7 @@ void adam_step_cpu(TensorRefs params, TensorRefs grads, TensorRefs exp_avgs, Ten
   check_adam_hyper(lr, beta1, beta2, eps, amsgrad, !max_exp_avg_sqs.empty());
   if (params.empty()) return;
   StepLists sl = prepare_adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, backups, amsgrad,
-                                    ascent, accum);
+                                    found_inf.has_value(), ascent, accum);
   check_steps(steps, params.size(), sl.prep.device);
   const StepScalarArgs a = step_scalar_args("adam_step_", sl.prep.device, lr_tensor, grad_scale, found_inf,
                                             sl.gsam, gsam_stats, alpha, gsam_eps, accum_scale, maximize);

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda_torch.h"
 #include "base_step.h"
 #include "base_step_launch.h"
 #include "boxed.h"
@@ -14,19 +15,6 @@
 namespace fastsam {
 namespace cuda {
 namespace {
-
-Dtype dtype_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return Dtype::kFloat;
-    case at::kHalf: return Dtype::kHalf;
-    case at::kBFloat16: return Dtype::kBFloat16;
-    default: TORCH_CHECK(false, "fastsam: unsupported dtype ", t);
-  }
-}
-
-Stream current_stream(at::Device device) {
-  return c10::cuda::getCurrentCUDAStream(device.index()).stream();
-}
 
 const float* pointer_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<float>() : nullptr;
@@ -44,7 +32,8 @@ void sgd_step_cuda(TensorRefs params, TensorRefs grads, TensorRefs momentum_buff
                    double alpha, double gsam_eps, TensorRefs accum, double accum_scale) {
   check_sgd_hyper(lr, momentum, dampening, nesterov, !momentum_buffers.empty());
   if (params.empty()) return;
-  StepLists sl = prepare_sgd_lists(params, grads, momentum_buffers, backups, momentum != 0.0, first, ascent, accum);
+  StepLists sl = prepare_sgd_lists(params, grads, momentum_buffers, backups, momentum != 0.0, first,
+                                   found_inf.has_value(), ascent, accum);
   const c10::cuda::CUDAGuard guard(sl.prep.device);
   const StepScalarArgs a = step_scalar_args("sgd_step_", sl.prep.device, lr_tensor, grad_scale, found_inf, sl.gsam,
                                             gsam_stats, alpha, gsam_eps, accum_scale, maximize);
@@ -64,8 +53,8 @@ void adam_step_cuda(TensorRefs params, TensorRefs grads, TensorRefs exp_avgs, Te
                     double alpha, double gsam_eps, TensorRefs accum, double accum_scale) {
   check_adam_hyper(lr, beta1, beta2, eps, amsgrad, !max_exp_avg_sqs.empty());
   if (params.empty()) return;
-  StepLists sl = prepare_adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, backups, amsgrad, ascent,
-                                    accum);
+  StepLists sl = prepare_adam_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, backups, amsgrad,
+                                    found_inf.has_value(), ascent, accum);
   check_steps(steps, params.size(), sl.prep.device);
   const c10::cuda::CUDAGuard guard(sl.prep.device);
   const Stream stream = current_stream(sl.prep.device);

@@ -30,10 +30,11 @@ PreparedLists prepare_list_vector(const char* op, const std::vector<ListArg>& a)
 }
 
 // params, sources, grads: the head of every step's lists.
-std::vector<ListArg> head_lists(TensorRefs params, TensorRefs grads, TensorRefs backups) {
+std::vector<ListArg> head_lists(TensorRefs params, TensorRefs grads, TensorRefs backups, bool may_skip) {
   const bool has_backups = !backups.empty();
-  // Without backups the parameters are also the sources (read through list 1), like torch.optim.
-  return {{"params", params, Access::Write},
+  // Without backups the parameters are also the sources (read through list 1), like torch.optim;
+  // a skipped step then writes nothing to them.
+  return {{"params", params, has_backups || !may_skip ? Access::Write : Access::ReadWrite},
           {has_backups ? "backups" : "params", has_backups ? backups : params, Access::Read},
           {"grads", grads, Access::Read}};
 }
@@ -63,17 +64,19 @@ const StepOpTable* step_op_table(c10::DeviceType device) {
 }
 
 StepLists prepare_sgd_lists(TensorRefs params, TensorRefs grads, TensorRefs momentum_buffers, TensorRefs backups,
-                            bool momentum, bool first, TensorRefs ascent, TensorRefs accum) {
-  std::vector<ListArg> lists = head_lists(params, grads, backups);
-  // first: the buffers are only written (torch clones d into them)
-  if (momentum) lists.push_back({"momentum_buffers", momentum_buffers, first ? Access::Write : Access::ReadWrite});
+                            bool momentum, bool first, bool may_skip, TensorRefs ascent, TensorRefs accum) {
+  std::vector<ListArg> lists = head_lists(params, grads, backups, may_skip);
+  // first: the buffers are only written (torch clones d into them), unless the step is skipped
+  if (momentum) {
+    lists.push_back({"momentum_buffers", momentum_buffers, first && !may_skip ? Access::Write : Access::ReadWrite});
+  }
   return finish("sgd_step_", std::move(lists), momentum ? 1 : 0, !backups.empty(), ascent, accum);
 }
 
 StepLists prepare_adam_lists(TensorRefs params, TensorRefs grads, TensorRefs exp_avgs, TensorRefs exp_avg_sqs,
-                             TensorRefs max_exp_avg_sqs, TensorRefs backups, bool amsgrad, TensorRefs ascent,
-                             TensorRefs accum) {
-  std::vector<ListArg> lists = head_lists(params, grads, backups);
+                             TensorRefs max_exp_avg_sqs, TensorRefs backups, bool amsgrad, bool may_skip,
+                             TensorRefs ascent, TensorRefs accum) {
+  std::vector<ListArg> lists = head_lists(params, grads, backups, may_skip);
   lists.push_back({"exp_avgs", exp_avgs, Access::ReadWrite});
   lists.push_back({"exp_avg_sqs", exp_avg_sqs, Access::ReadWrite});
   if (amsgrad) lists.push_back({"max_exp_avg_sqs", max_exp_avg_sqs, Access::ReadWrite});

@@ -25,6 +25,7 @@ trajectory at most twice as far as the reference does (plus two roundings).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -105,6 +106,25 @@ class Inputs:
 def _view_copy(p: torch.Tensor) -> torch.Tensor:
     owner = p.as_strided((p.untyped_storage().nbytes() // p.element_size(),), (1,), 0).clone()
     return owner.as_strided(p.shape, p.stride(), p.storage_offset())
+
+
+@contextlib.contextmanager
+def uninitialised_memory_is_nan(on: bool):
+    """torch.empty fills with NaN (torch's deterministic mode) while ``on``: a skipped step that
+    copies a strided tensor's uninitialised stand-in back then fails every time, not only when
+    the allocator hands out dirty memory."""
+    if not on:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.utils.deterministic.fill_uninitialized_memory = before[2]
 
 
 def chain_kwargs(cfg: dict, inputs: Inputs, device) -> dict:
@@ -269,9 +289,10 @@ def run_sgd(impl, cfg: dict, inputs: Inputs, state: SgdState, lr: float, device)
     params = inputs.params_before(cfg.get("backups", True))
     state = state.clone()
     kw = chain_kwargs(cfg, inputs, device)
-    impl.sgd_step_(params, inputs.grads, state.bufs, lr_argument(cfg, lr, device),
-                   backups=inputs.sources if cfg.get("backups", True) else None,
-                   **{k: v for k, v in hyper(cfg, lr).items() if k != "lr"}, **kw)
+    with uninitialised_memory_is_nan(bool(cfg.get("found_inf"))):
+        impl.sgd_step_(params, inputs.grads, state.bufs, lr_argument(cfg, lr, device),
+                       backups=inputs.sources if cfg.get("backups", True) else None,
+                       **{k: v for k, v in hyper(cfg, lr).items() if k != "lr"}, **kw)
     return params, state, kw
 
 
@@ -309,9 +330,10 @@ def run_adam(impl, cfg: dict, inputs: Inputs, state: AdamState, lr: float, devic
     params = inputs.params_before(cfg.get("backups", True))
     state = state.clone()
     kw = chain_kwargs(cfg, inputs, device)
-    impl.adam_step_(params, inputs.grads, state.m, state.v, state.vmax, state.steps, lr_argument(cfg, lr, device),
-                    backups=inputs.sources if cfg.get("backups", True) else None,
-                    **{k: v for k, v in hyper(cfg, lr).items() if k != "lr"}, **kw)
+    with uninitialised_memory_is_nan(bool(cfg.get("found_inf"))):
+        impl.adam_step_(params, inputs.grads, state.m, state.v, state.vmax, state.steps,
+                        lr_argument(cfg, lr, device), backups=inputs.sources if cfg.get("backups", True) else None,
+                        **{k: v for k, v in hyper(cfg, lr).items() if k != "lr"}, **kw)
     return params, state, kw
 
 

@@ -643,11 +643,15 @@ def _step_kernels():
 
 
 def _step_roles(params, grads, backups, state: list, state_names: list, state_modes: list, ascent, accum):
-    """Roles of a step: params (written), sources (backups, or the params), grads, state, [ascent], [accum]."""
+    """Roles of a step: params (written), sources (backups, or the params), grads, state, [ascent], [accum].
+
+    Without backups the params are their own sources: a strided one's temporary must start as
+    a copy of it, since a skipped step (found_inf) writes nothing and the temporary is copied back.
+    """
     has_backups = backups is not None
     lists = [params, backups if has_backups else params, grads, *state]
     names = ["params", "backups" if has_backups else "params", "grads", *state_names]
-    modes = ["w", "r", "r", *state_modes]
+    modes = ["w" if has_backups else "rw", "r", "r", *state_modes]
     roles = {}
     for name, ts in (("ascent", ascent), ("accum", accum)):
         roles[name] = len(lists) if ts is not None else 0
@@ -682,7 +686,9 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer
     has_momentum = momentum != 0.0
     lists, names, modes, roles = _step_roles(
         params, grads, backups, [momentum_buffers] if has_momentum else [], ["momentum_buffers"],
-        ["w" if first else "rw"], ascent, accum)
+        # a first step's buffers are written whole, unless it may be skipped (found_inf): then
+        # they stay as they were, and a strided one's temporary must start as a copy
+        ["w" if first and found_inf is None else "rw"], ascent, accum)
     launch = _prepare(lists, names, modes)
     if launch is None:
         return
