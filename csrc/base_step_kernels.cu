@@ -19,13 +19,6 @@ namespace fastsam {
 namespace cuda {
 namespace {
 
-template <typename T>
-__device__ __forceinline__ float load(T x) {
-  return static_cast<float>(x);
-}
-
-constexpr unsigned bit(int list) { return 1u << list; }
-
 // ---- launch arguments with up to 9 lists -------------------------------------------------
 // A launch's argument is its TensorListMeta plus the op's scalars (at most kStepOpBytes).
 // Slots per launch for `depth` lists within `limit` bytes: each slot takes 8 bytes of address
@@ -227,15 +220,6 @@ struct RestoreAccumulateOp {  // lists: params, backups, accum, grads
 };
 
 // ---- dispatch -------------------------------------------------------------------------------
-
-template <typename F>
-void with_dtype(Dtype dtype, F&& f) {
-  switch (dtype) {
-    case Dtype::kFloat: f(float{}); break;
-    case Dtype::kHalf: f(c10::Half{}); break;
-    case Dtype::kBFloat16: f(c10::BFloat16{}); break;
-  }
-}
 
 // Calls f(std::bool_constant<a>, std::bool_constant<b>, std::bool_constant<c>).
 template <typename F>

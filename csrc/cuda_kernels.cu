@@ -18,14 +18,8 @@ namespace fastsam {
 namespace cuda {
 namespace {
 
-template <typename T>
-__device__ __forceinline__ float load(T x) {
-  return static_cast<float>(x);
-}
-
 // list indices, named
 constexpr int kParam = 0, kGrad = 1, kBackup = 2, kAscent = 3;  // perturb_
-constexpr unsigned bit(int list) { return 1u << list; }
 
 template <typename T, int B>
 struct SumsqOp {  // lists: grads[, params]
@@ -139,16 +133,6 @@ struct AccumulateOp {  // lists: accum, grads
     });
   }
 };
-
-// Calls f(T{}) with T the C++ type of dtype.
-template <typename F>
-void with_dtype(Dtype dtype, F&& f) {
-  switch (dtype) {
-    case Dtype::kFloat: f(float{}); break;
-    case Dtype::kHalf: f(c10::Half{}); break;
-    case Dtype::kBFloat16: f(c10::BFloat16{}); break;
-  }
-}
 
 }  // namespace
 

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda_torch.h"
 #include "boxed.h"
 #include "cuda_launch.h"
 #include "eager.h"
@@ -15,19 +16,6 @@
 namespace fastsam {
 namespace cuda {
 namespace {
-
-Dtype dtype_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return Dtype::kFloat;
-    case at::kHalf: return Dtype::kHalf;
-    case at::kBFloat16: return Dtype::kBFloat16;
-    default: TORCH_CHECK(false, "fastsam: unsupported dtype ", t);
-  }
-}
-
-Stream current_stream(const PreparedLists& prep) {
-  return c10::cuda::getCurrentCUDAStream(prep.device.index()).stream();
-}
 
 at::Tensor floats(at::IntArrayRef shape, at::Device device) {
   return at::empty(shape, at::TensorOptions().dtype(at::kFloat).device(device));
@@ -42,7 +30,7 @@ at::Tensor sumsq_cuda(TensorRefs tensors, TensorRefs params, int64_t b, double e
                               : prepare_lists("sumsq", {{"tensors", tensors, Access::Read},
                                                         {"params", params, Access::Read}});
   const c10::cuda::CUDAGuard guard(prep.device);
-  const Stream stream = current_stream(prep);
+  const Stream stream = current_stream(prep.device);
   const int64_t blocks = planned_blocks(prep.flat.numels);
   at::Tensor partials = floats({blocks}, prep.device);
   at::Tensor out = floats({}, prep.device);
@@ -66,7 +54,7 @@ void perturb_cuda(TensorRefs params, TensorRefs grads, TensorRefs backups, const
   const at::Tensor sd = seed.has_value() ? seed_on("perturb_", *seed, prep.device) : at::Tensor();
   launch_perturb(dtype_of(prep.dtype), static_cast<int>(a), mode, prep.flat, s.data_ptr<float>(),
                  as.data_ptr<float>(), sd.defined() ? sd.data_ptr<int64_t>() : nullptr, static_cast<float>(rho),
-                 static_cast<float>(eta), static_cast<float>(eps), current_stream(prep));
+                 static_cast<float>(eta), static_cast<float>(eps), current_stream(prep.device));
   prep.write_back();
 }
 
@@ -75,7 +63,7 @@ void restore_cuda(TensorRefs params, TensorRefs backups) {
   PreparedLists prep =
       prepare_lists("restore_", {{"params", params, Access::Write}, {"backups", backups, Access::Read}});
   const c10::cuda::CUDAGuard guard(prep.device);
-  launch_restore(static_cast<int>(c10::elementSize(prep.dtype)), prep.flat, current_stream(prep));
+  launch_restore(static_cast<int>(c10::elementSize(prep.dtype)), prep.flat, current_stream(prep.device));
   prep.write_back();
 }
 
@@ -84,7 +72,7 @@ at::Tensor gsam_reduce_cuda(TensorRefs ascent, TensorRefs grads) {
   PreparedLists prep =
       prepare_lists("gsam_reduce", {{"ascent", ascent, Access::Read}, {"grads", grads, Access::Read}});
   const c10::cuda::CUDAGuard guard(prep.device);
-  const Stream stream = current_stream(prep);
+  const Stream stream = current_stream(prep.device);
   const int64_t blocks = planned_blocks(prep.flat.numels);
   at::Tensor partials = floats({2 * blocks}, prep.device);
   at::Tensor out = floats({2}, prep.device);
@@ -101,7 +89,7 @@ void gsam_combine_cuda(TensorRefs grads, TensorRefs ascent, const at::Tensor& st
   const c10::cuda::CUDAGuard guard(prep.device);
   const at::Tensor s = scalar_on("gsam_combine_", "stats", stats, prep.device, 2);
   launch_gsam_combine(dtype_of(prep.dtype), prep.flat, s.data_ptr<float>(), static_cast<float>(alpha),
-                      static_cast<float>(eps), current_stream(prep));
+                      static_cast<float>(eps), current_stream(prep.device));
   prep.write_back();
 }
 
@@ -110,7 +98,7 @@ void accumulate_cuda(TensorRefs accum, TensorRefs grads, double scale, bool init
   PreparedLists prep = prepare_lists(
       "accumulate_", {{"accum", accum, init ? Access::Write : Access::ReadWrite}, {"grads", grads, Access::Read}});
   const c10::cuda::CUDAGuard guard(prep.device);
-  launch_accumulate(dtype_of(prep.dtype), init, prep.flat, static_cast<float>(scale), current_stream(prep));
+  launch_accumulate(dtype_of(prep.dtype), init, prep.flat, static_cast<float>(scale), current_stream(prep.device));
   prep.write_back();
 }
 

@@ -11,7 +11,9 @@
 // are 64-bit, so tensors past 2^31 elements are fine.
 #pragma once
 
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -144,6 +146,24 @@ void multi_tensor_apply(const FlatLists& lists, const Op& op, cudaStream_t strea
 }
 
 // ---- device helpers for the ops' block functions ----
+
+// The helpers every op file's functors use: a value as fp32, the bit of a list index in the
+// Reads/Writes masks, and a call f(T{}) with T the C++ type of a kernel dtype.
+template <typename T>
+__device__ __forceinline__ float load(T x) {
+  return static_cast<float>(x);
+}
+
+constexpr unsigned bit(int list) { return 1u << list; }
+
+template <typename F>
+void with_dtype(Dtype dtype, F&& f) {
+  switch (dtype) {
+    case Dtype::kFloat: f(float{}); break;
+    case Dtype::kHalf: f(c10::Half{}); break;
+    case Dtype::kBFloat16: f(c10::BFloat16{}); break;
+  }
+}
 
 template <typename T>
 __device__ __forceinline__ bool is_pack_aligned(const T* p) {

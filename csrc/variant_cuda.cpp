@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda_torch.h"
 #include "boxed.h"
 #include "tensor_lists.h"
 #include "variant_cuda_launch.h"
@@ -14,19 +15,6 @@
 namespace fastsam {
 namespace cuda {
 namespace {
-
-Dtype dtype_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return Dtype::kFloat;
-    case at::kHalf: return Dtype::kHalf;
-    case at::kBFloat16: return Dtype::kBFloat16;
-    default: TORCH_CHECK(false, "fastsam: unsupported dtype ", t);
-  }
-}
-
-Stream current_stream(const PreparedLists& prep) {
-  return c10::cuda::getCurrentCUDAStream(prep.device.index()).stream();
-}
 
 void looksam_project_cuda(TensorRefs gv, TensorRefs grads, TensorRefs ascent, const at::Tensor& stats, double weight,
                           bool init, double eps) {
@@ -37,7 +25,7 @@ void looksam_project_cuda(TensorRefs gv, TensorRefs grads, TensorRefs ascent, co
   const c10::cuda::CUDAGuard guard(prep.device);
   const at::Tensor s = scalar_on("looksam_project_", "stats", stats, prep.device, 2);
   launch_looksam_project(dtype_of(prep.dtype), init, prep.flat, s.data_ptr<float>(), static_cast<float>(weight),
-                         static_cast<float>(eps), current_stream(prep));
+                         static_cast<float>(eps), current_stream(prep.device));
   prep.write_back();
 }
 
@@ -50,7 +38,7 @@ void looksam_combine_cuda(TensorRefs grads, TensorRefs gv, const at::Tensor& gra
   const at::Tensor gs = scalar_on("looksam_combine_", "grad_sumsq", grad_sumsq, prep.device, 1);
   const at::Tensor vs = scalar_on("looksam_combine_", "gv_sumsq", gv_sumsq, prep.device, 1);
   launch_looksam_combine(dtype_of(prep.dtype), prep.flat, gs.data_ptr<float>(), vs.data_ptr<float>(),
-                         static_cast<float>(alpha), static_cast<float>(eps), current_stream(prep));
+                         static_cast<float>(alpha), static_cast<float>(eps), current_stream(prep.device));
   prep.write_back();
 }
 
@@ -61,7 +49,7 @@ at::Tensor friendly_direction_cuda(TensorRefs direction, TensorRefs ema, TensorR
                                                              {"ema", ema, init ? Access::Write : Access::ReadWrite},
                                                              {"grads", grads, Access::Read}});
   const c10::cuda::CUDAGuard guard(prep.device);
-  const Stream stream = current_stream(prep);
+  const Stream stream = current_stream(prep.device);
   const int64_t blocks = planned_blocks(prep.flat.numels);
   const auto floats = at::TensorOptions().dtype(at::kFloat).device(prep.device);
   at::Tensor partials = at::empty({blocks}, floats);

@@ -14,13 +14,6 @@ namespace fastsam {
 namespace cuda {
 namespace {
 
-template <typename T>
-__device__ __forceinline__ float load(T x) {
-  return static_cast<float>(x);
-}
-
-constexpr unsigned bit(int list) { return 1u << list; }
-
 template <typename T, bool Init>
 struct ProjectOp {  // lists: gv, g_s, g
   const float* stats;
@@ -73,15 +66,6 @@ struct FriendlyOp {  // lists: direction, ema, g
     block_sum_store<1>(acc, partials + block);
   }
 };
-
-template <typename F>
-void with_dtype(Dtype dtype, F&& f) {
-  switch (dtype) {
-    case Dtype::kFloat: f(float{}); break;
-    case Dtype::kHalf: f(c10::Half{}); break;
-    case Dtype::kBFloat16: f(c10::BFloat16{}); break;
-  }
-}
 
 }  // namespace
 
