@@ -65,6 +65,18 @@ class Accumulator:
         if all(entry.done):
             entry.done = None
 
+    def whole_bucket_init(self, bucket: Bucket) -> Optional[bool]:
+        """For an op that adds the whole bucket's contribution in one call (the fused unperturb
+        chain): its ``init`` flag, or None when the bucket's parameters are at different stages."""
+        entry = self._entries.get(id(bucket))
+        if entry is None:
+            return True
+        return False if entry.done is None else None
+
+    def added_whole(self, bucket: Bucket) -> None:
+        """Record that such an op added the whole bucket's contribution."""
+        self._entries.setdefault(id(bucket), _Entry(bucket))
+
     def load(self) -> list[Tensor]:
         """Move the sums into ``.grad``; returns the flat buffers now holding them (one per bucket)."""
         flats = []

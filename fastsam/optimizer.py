@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fastsam import checkpoint, closure as closure_protocol, ops
+from fastsam import checkpoint, closure as closure_protocol, fused_step, ops
 from fastsam.accumulation import Accumulator
 from fastsam.ops import compiled
 from fastsam.passes import Pass, SubStepResult
@@ -129,6 +129,10 @@ class SAM(Optimizer):
     are rounded: ``'stochastic'`` (the default: to one of the two neighbours of w + eps,
     unbiased, with a new seed at every perturbation, derived from ``rounding_seed``) or
     ``'nearest'``; see fastsam/ops/rounding.py. Restores are bit-exact either way.
+    ``fused_base_step`` (``'auto'``, True, False): take torch.optim's SGD/Adam/AdamW step
+    straight from the backup instead of restoring first, with GSAM's combination in the same
+    sweep (fastsam/fused_step.py says where and for which options; ``'auto'`` fuses on the
+    CPU, where it was measured faster).
     """
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive=False, *,
@@ -138,7 +142,7 @@ class SAM(Optimizer):
                  randsam: bool = False, generator: Optional[torch.Generator] = None,
                  backend: str = "auto", perturb_eps: float = 1e-12, check_finite: bool = True,
                  closure_convention: str = "auto", schedule=None, rounding: str = "stochastic",
-                 rounding_seed: Optional[int] = None, **base_kwargs):
+                 rounding_seed: Optional[int] = None, fused_base_step="auto", **base_kwargs):
         sam_defaults = dict(rho=rho, adaptive=adaptive, eta=eta, adaptive_scope=adaptive_scope,
                             gsam_alpha=gsam_alpha, rho_schedule=rho_schedule, rho_min=rho_min,
                             lr_max=lr_max, lr_min=lr_min)
@@ -151,6 +155,7 @@ class SAM(Optimizer):
             raise ValueError(f"rounding must be one of {ROUNDING_MODES}; got {rounding!r}")
         if rounding_seed is not None and (isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int)):
             raise TypeError(f"rounding_seed must be an int or None; got {rounding_seed!r}")
+        fused_step.check_mode(fused_base_step)
         self._closure = closure_protocol.ClosureProtocol(closure_convention)
         self.schedule = scheduled.check_schedule(schedule)
         self._sam_decision: Optional[bool] = None  # the schedule's decision in effect (fastsam/variants/scheduled.py)
@@ -173,6 +178,7 @@ class SAM(Optimizer):
         else:
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer subclass or instance; got {base_optimizer!r}")
         self._base = base
+        self._fused = fused_step.FusedBaseStep(base, fused_base_step)
         self.defaults = {**base.defaults, **sam_defaults}
         for group in self.param_groups:
             self._finish_group(group)
@@ -197,6 +203,9 @@ class SAM(Optimizer):
         self._accumulator = Accumulator()
         self._step_buckets: list[Bucket] = []  # every bucket of the step in progress
         self._perturbed: Optional[list[Bucket]] = None  # the buckets first_step() perturbed
+        # perturbed buckets whose restore (and GSAM combination) the next base step does, fused
+        # with it: set only right before that base step (second_step, train_step), never left set
+        self._pending: Optional[list[Bucket]] = None
         self._ascent_sumsqs: list[Tensor] = []  # of this step's perturbations, for the finite check
         self._descent_ready = False  # unperturb() ran since the last base step
         self.steps_taken = 0  # base steps so far (schedules and variants count with it; in checkpoints)
@@ -299,6 +308,11 @@ class SAM(Optimizer):
     # -- the SAM step, in order --
 
     @property
+    def fused_base_step(self):
+        """The ``fused_base_step`` setting ('auto', True or False)."""
+        return self._fused.mode
+
+    @property
     def is_perturbed(self) -> bool:
         """True between first_step() and the restore in unperturb()/second_step()."""
         return self._perturbed is not None
@@ -322,6 +336,7 @@ class SAM(Optimizer):
         if self._perturbed is not None:
             raise RuntimeError("first_step() was called twice: the weights are already perturbed; "
                                "call second_step() or unperturb() first")
+        self._settle()
         if self.schedule is not None:
             scheduled.check_first_step(self)
             scheduled.consume_sub_step_decision(self)
@@ -413,6 +428,13 @@ class SAM(Optimizer):
         perturbed = self._perturbed
         if perturbed is None:
             raise RuntimeError("the weights are not perturbed: call first_step() before second_step()/unperturb()")
+        if accumulate_weight is not None and type(self)._gsam_combine is SAM._gsam_combine \
+                and self._fused.chain_enabled(self._step_buckets) \
+                and self._unperturb_accumulating(perturbed, float(accumulate_weight)):
+            self._perturbed = None
+            self.zero_grad(set_to_none=True)
+            self._descent_ready = True
+            return
         for bucket in perturbed:
             bucket.backend.restore_(bucket.tensors(), bucket.buffer("backup"))
         self._perturbed = None
@@ -425,16 +447,60 @@ class SAM(Optimizer):
             self.zero_grad(set_to_none=True)
         self._descent_ready = True
 
-    def _gsam_combine(self, buckets: list[Bucket]) -> None:
-        """g_p <- g_p - alpha (g - <g, h> h) over the perturbed buckets (one reduction, one combine)."""
+    def _unperturb_accumulating(self, perturbed: list[Bucket], weight: float) -> bool:
+        """unperturb(accumulate_weight=weight) in the fewest sweeps: SAM restore_accumulate_ (1),
+        GSAM restore_gsam_reduce then gsam_combine_accumulate_ (2; docs/DESIGN.md §9). False
+        (nothing accumulated; restores are idempotent) where the usual path must run instead."""
+        acc = self._accumulator
+        step_buckets = self._step_buckets
+        ids = {id(b) for b in step_buckets}
+        if any(id(b) not in ids for b in perturbed):
+            return False  # some parameters had no ascent gradient: a restricted bucket
+        inits = {id(b): acc.whole_bucket_init(b) for b in step_buckets}
+        if any(init is None for init in inits.values()):
+            return False
+        perturbed_ids = {id(b) for b in perturbed}
+        gsam = any(b.alpha != 0.0 for b in perturbed)
+        stats = None
+        if gsam:
+            try:
+                parts = [b.backend.restore_gsam_reduce(b.tensors(), b.buffer("backup"), b.buffer("ascent"), b.grads())
+                         for b in perturbed]
+            except MissingGrad:
+                return False
+            stats = global_sum(perturbed, parts)
+        for b in step_buckets:
+            accum, init = b.flat_buffer("accum"), inits[id(b)]
+            try:
+                if id(b) not in perturbed_ids or (gsam and b.alpha == 0.0):
+                    b.backend.accumulate_(accum, b.grads(), weight, init=init)
+                elif gsam:
+                    b.backend.gsam_combine_accumulate_(accum, b.grads(), b.buffer("ascent"), stats, b.alpha,
+                                                       self.perturb_eps, weight, init)
+                else:
+                    b.backend.restore_accumulate_(b.tensors(), b.buffer("backup"), accum, b.grads(), weight, init)
+            except MissingGrad:  # raised before any work: this bucket goes parameter by parameter
+                if id(b) in perturbed_ids and not gsam:
+                    b.backend.restore_(b.tensors(), b.buffer("backup"))
+                acc.add(b, weight)
+                continue
+            acc.added_whole(b)
+        return True
+
+    def _gsam_stats(self, buckets: list[Bucket]) -> tuple[list[Bucket], Optional[Tensor]]:
+        """(the perturbed buckets with gradients, GSAM's global reductions over them)."""
         try:
             parts = [b.backend.gsam_reduce(b.buffer("ascent"), b.grads()) for b in buckets]
         except MissingGrad:  # a parameter got no gradient in the descent pass
             buckets = with_grads(buckets)
             parts = [b.backend.gsam_reduce(b.buffer("ascent"), b.grads()) for b in buckets]
+        return buckets, (global_sum(buckets, parts) if buckets else None)
+
+    def _gsam_combine(self, buckets: list[Bucket]) -> None:
+        """g_p <- g_p - alpha (g - <g, h> h) over the perturbed buckets (one reduction, one combine)."""
+        buckets, stats = self._gsam_stats(buckets)
         if not buckets:
             return
-        stats = global_sum(buckets, parts)
         for b in buckets:
             if b.alpha != 0.0:
                 b.backend.gsam_combine_(b.grads(), b.buffer("ascent"), stats, b.alpha, self.perturb_eps)
@@ -462,11 +528,12 @@ class SAM(Optimizer):
 
     def abort(self) -> None:
         """After a failure mid-step: weights restored (if perturbed), partial accumulations dropped."""
-        if self._perturbed is not None:
-            with torch.no_grad():
-                for bucket in self._perturbed:
-                    bucket.backend.restore_(bucket.tensors(), bucket.buffer("backup"))
-            self._perturbed = None
+        for perturbed in (self._perturbed, self._pending):
+            if perturbed is not None:
+                with torch.no_grad():
+                    for bucket in perturbed:
+                        bucket.backend.restore_(bucket.tensors(), bucket.buffer("backup"))
+        self._perturbed = self._pending = None
         self._accumulator.drop()
         self._ascent_sumsqs.clear()
         self._descent_ready = False
@@ -481,20 +548,78 @@ class SAM(Optimizer):
         """
         if self._perturbed is not None:
             raise RuntimeError("the weights are perturbed: call unperturb() before base_step()")
-        self._before_base_step(scaler)
-        ascent_sumsqs, self._ascent_sumsqs = self._ascent_sumsqs, []
-        self._descent_ready = False
-        if scaler is not None:
-            result = scaler.step(self._base)
-        else:
-            if self.check_finite:
-                self._check_finite(ascent_sumsqs)
-            result = self._base.step()
+        pending, self._pending = self._pending, None
+        try:
+            self._before_base_step(scaler)
+            ascent_sumsqs, self._ascent_sumsqs = self._ascent_sumsqs, []
+            self._descent_ready = False
+            if pending is not None:
+                result = self._fused_base_step(pending, scaler, ascent_sumsqs)
+            elif scaler is not None:
+                result = scaler.step(self._base)
+            else:
+                if self.check_finite:
+                    self._check_finite(ascent_sumsqs)
+                result = self._base.step()
+        except BaseException:
+            if pending is not None:  # the weights are still at w + eps: put them back
+                self._pending = pending
+                self.abort()
+            raise
         # LR schedulers attached to SAM watch for SAM.step(); a step through
         # second_step()/train_step() is just as real (torch.optim.lr_scheduler reads this flag).
         self._opt_called = True
         self._after_base_step()
         return result
+
+    def _fused_base_step(self, pending: list[Bucket], scaler, ascent_sumsqs: list[Tensor]):
+        """The base step taken from the backups of the ``pending`` buckets (fastsam/fused_step.py)."""
+        base = self._base
+        buckets = self._plan.buckets(_current_rho)
+        sources = {id(p): backup for b in pending for p, backup in zip(b.params, b.buffer("backup"))}
+        gsam = None
+        if any(b.alpha != 0.0 for b in pending):
+            combined, stats = self._gsam_stats(pending)
+            if stats is not None:
+                gsam = (stats, {id(p): (ascent, b.alpha) for b in combined if b.alpha != 0.0
+                                for p, ascent in zip(b.params, b.buffer("ascent"))})
+
+        @torch.no_grad()
+        def fused():
+            self._fused.run(buckets, sources, gsam, getattr(base, "grad_scale", None), getattr(base, "found_inf", None))
+
+        if scaler is not None:
+            result = fused_step.step_through_scaler(scaler, base, fused)
+        else:
+            if self.check_finite:
+                self._check_finite(ascent_sumsqs)
+            result = fused()
+        base._opt_called = True  # for an LR scheduler attached to the base optimizer
+        return result
+
+    def _can_defer(self) -> bool:
+        """Whether the next base step may take the restore over (fused), as this class does it."""
+        cls = type(self)
+        if any(getattr(cls, name) is not getattr(SAM, name)
+               for name in ("unperturb", "_gsam_combine", "_before_base_step", "base_step", "_fused_base_step")):
+            return False  # a subclass changes what happens between the descent pass and the step
+        return self._fused.usable(self._plan.buckets(_current_rho))
+
+    def _defer_unperturb(self) -> None:
+        """unperturb() whose restore and GSAM combination the base step that follows does."""
+        self._pending, self._perturbed = self._perturbed, None
+        self._descent_ready = True
+
+    def _settle(self) -> None:
+        """Do a deferred restore (and GSAM combination) now."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        with torch.no_grad():
+            for bucket in pending:
+                bucket.backend.restore_(bucket.tensors(), bucket.buffer("backup"))
+            if any(b.alpha != 0.0 for b in pending):
+                self._gsam_combine(pending)
 
     def _before_base_step(self, scaler) -> None:
         """Called by base_step() before anything else (the variants finish their gradient here)."""
@@ -531,8 +656,12 @@ class SAM(Optimizer):
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
-        """Restore the weights exactly, then run the base optimizer with the current gradients."""
-        self.unperturb()
+        """Restore the weights exactly, then run the base optimizer with the current gradients
+        (one fused sweep where ``fused_base_step`` allows: the step reads the backup)."""
+        if self._perturbed is not None and self._can_defer():
+            self._defer_unperturb()
+        else:
+            self.unperturb()
         self.base_step()
         if zero_grad:
             self.zero_grad()
@@ -558,7 +687,7 @@ class SAM(Optimizer):
         return scheduled.decision(self) if self.schedule is not None else True
 
     def _sam_sub_step(self, run_pass: Callable, *, weight: Optional[float] = None, sync: bool = False,
-                      skip_nonfinite: bool = False) -> SubStepResult:
+                      skip_nonfinite: bool = False, then_base_step: bool = False) -> SubStepResult:
         """One SAM sub-step on one (sub-)batch, through ``run_pass`` (fastsam/passes.py).
 
         Clears ``.grad``, runs the ascent pass (a forward only with RandSAM), perturbs,
@@ -575,7 +704,9 @@ class SAM(Optimizer):
         across later sub-steps and calls, through DDP's all-reduce to every rank) and the
         scaler skips the whole step and backs off once. Every rank thus runs the same
         passes and collectives. If a pass raises, the weights are restored and partial
-        accumulations dropped before the error propagates.
+        accumulations dropped before the error propagates. ``then_base_step`` (fastsam's own
+        train_step): the caller calls ``base_step()`` next, with nothing in between that reads
+        the weights or the gradients, so the restore may be left to a fused base step.
         """
         self.zero_grad(set_to_none=True)
         try:
@@ -590,7 +721,11 @@ class SAM(Optimizer):
                 scale = math.inf  # poisons this step's gradient on purpose (see above)
             perturbed_loss = run_pass(Pass.DESCENT, scale=scale, sync=synced)
             if perturbed:
-                self.unperturb(accumulate_weight=None if synced else weight)
+                accumulate_weight = None if synced else weight
+                if then_base_step and accumulate_weight is None and self._can_defer():
+                    self._defer_unperturb()  # the caller's base_step() follows at once and restores, fused
+                else:
+                    self.unperturb(accumulate_weight=accumulate_weight)
             elif weight is not None and not synced:
                 for bucket in self._plan.buckets(_current_rho):
                     self._accumulator.add(bucket, float(weight))

@@ -617,8 +617,10 @@ def test_sam_on_perturbs_only_normalisation_parameters_and_rho_zero_costs_nothin
     fastsam.ops.register_backend(recording.backend)
     try:
         model, ref = norm_model(), norm_model()
+        # unfused base step: the recorded calls are then the perturbation's alone (a fused step
+        # covers every parameter; tests/test_fused_base_step.py checks a rho = 0 group there)
         opt = fastsam.SAM(fastsam.normalization_params(model), torch.optim.SGD, rho=0.5, lr=0.1,
-                          backend="recording-for-test", check_finite=False)
+                          backend="recording-for-test", check_finite=False, fused_base_step=False)
         gen = torch.Generator().manual_seed(3)
         x, y = torch.randn(8, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (8,), generator=gen)
         fastsam.train_step(model, opt, x, y, F.cross_entropy)
