@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fastsam import ops
-from fastsam.bench import cli, engine, host, peers, report, variants, workloads
+from fastsam.bench import cli, engine, full_step, host, peers, report, variants, workloads
 from fastsam.bench.engine import ITEMS, OP_ITEMS, Timer, bytes_moved, quantile
 
 QUICK = ["--device", "cpu", "--workloads", "mini", "--quick", "--quiet"]
@@ -468,7 +468,7 @@ def test_full_step_items_in_the_ops_run(tmp_path):
     result = json.loads(out.read_text())
     rows = [r for r in result["results"] if r["kind"] == "full_step"]
     assert {(r["backend"], r["item"]) for r in rows} == {
-        (b, f"sam_{o}_{v}") for b in ("foreach", "cpp") for o in ("sgd_momentum", "adamw") for v in ("unfused", "fused")}
+        (b, f"sam_{o}_{v}") for b in ("foreach", "cpp") for o in ("sgd_momentum", "adamw") for v in full_step.VARIANTS}
     assert all(r["median_ms"] > 0 and r["speedup_fused_vs_unfused"] > 0 for r in rows)
     table = report.format_result(result)
     assert "Full SAM step with the base step" in table and "fused vs unfused" in table

@@ -10,7 +10,7 @@ from fastsam.bench import full_step
 
 
 def test_byte_floors_follow_docs_fused_steps():
-    """docs/FUSED_STEPS.md: SGD momentum 48N vs 40N, AdamW 56N vs 48N (fp32), half in bf16."""
+    """docs/DESIGN.md §9: SGD momentum 48N vs 40N, AdamW 56N vs 48N (fp32), half in bf16."""
     n = 1000
     assert full_step.bytes_moved("sgd_momentum", "unfused", n, 4) == 48 * n
     assert full_step.bytes_moved("sgd_momentum", "fused", n, 4) == 40 * n
@@ -32,8 +32,9 @@ def test_fused_and_unfused_items_take_the_same_step():
             for _ in range(3):
                 for v in full_step.VARIANTS:
                     steps[v]()
-        for a, b in zip(sets["fused"].params, sets["unfused"].params):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        for variant in ("fused", "SAM_unfused", "SAM_fused"):
+            for a, b in zip(sets[variant].params, sets["unfused"].params):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda m: f"{variant}: {m}")
         assert not torch.equal(sets["fused"].params[0], TensorSet(WORKLOADS["mini"], "cpu", torch.float32).params[0])
 
 
@@ -46,6 +47,7 @@ def test_quick_run_writes_rows_with_speedups(tmp_path):
                                          for v in full_step.VARIANTS}
     assert all(r["median_ms"] > 0 and r["pct_copy_bw"] > 0 and r["speedup_fused_vs_unfused"] > 0 for r in rows)
     assert {r["base_step"] for r in rows if r["item"].endswith("_unfused")} <= {"torch fused", "torch foreach"}
+    assert {r["base_step"] for r in rows if r["item"].endswith("_fused")} == {"fastsam fused"}
 
 
 def test_unknown_workload_is_a_clear_error(capsys):

@@ -5,10 +5,13 @@ A SAM step's bookkeeping around the perturbed forward/backward (sumsq, perturb_)
 * ``unfused``: fastsam's ``restore_``, then torch.optim's own step (the class's
   ``step()``, as users run it) with its best implementation on the device: ``fused=True``
   where torch has it for that device, else ``foreach=True``;
-* ``fused``: fastsam's ``sgd_step_`` / ``adam_step_`` from the backups (no restore pass).
+* ``fused``: fastsam's ``sgd_step_`` / ``adam_step_`` from the backups (no restore pass);
+* ``SAM_unfused`` / ``SAM_fused``: the same step through the optimizer users run,
+  ``fastsam.SAM(..., fused_base_step=False / True)`` (``first_step()`` + ``second_step()``,
+  ``check_finite=False`` as torch.optim has no such check), host work included.
 
 Both on the same buffers (fastsam.bench.workloads.TensorSet), for SGD with momentum and
-AdamW, each measured against its own byte floor (docs/FUSED_STEPS.md): SGD momentum 48N
+AdamW, each measured against its own byte floor (docs/DESIGN.md §9): SGD momentum 48N
 unfused vs 40N fused, AdamW 56N vs 48N bytes for N fp32 parameters. The two variants of a
 (workload, optimizer) are timed in alternating rounds (fused, unfused, fused, ...) whose
 times are pooled, so that a change in machine load falls on both.
@@ -25,6 +28,7 @@ from typing import Callable, Optional
 
 import torch
 
+import fastsam
 from fastsam import ops
 from fastsam.bench import engine
 from fastsam.bench.env import environment
@@ -35,10 +39,11 @@ OPTIMIZERS = {
     "sgd_momentum": (torch.optim.SGD, dict(lr=0.01, momentum=0.9, weight_decay=5e-4)),
     "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2)),
 }
-VARIANTS = ("unfused", "fused")
+VARIANTS = ("unfused", "fused", "SAM_unfused", "SAM_fused")
+PAIRS = (("unfused", "fused"), ("SAM_unfused", "SAM_fused"))  # each fused speed-up is against its partner
 DEFAULT_WORKLOADS = ("resnet50", "vit_b16", "gpt2")
 
-# Bytes per parameter, in units of the element size (docs/FUSED_STEPS.md): sumsq 1 + perturb_ 4,
+# Bytes per parameter, in units of the element size (docs/DESIGN.md §9): sumsq 1 + perturb_ 4,
 # then restore_ 2 + the torch step (SGD momentum 5, AdamW 7), or the fused step (5, 7).
 UNITS = {
     ("sgd_momentum", "unfused"): 1 + 4 + 2 + 5,
@@ -54,7 +59,7 @@ def item_name(optimizer: str, variant: str) -> str:
 
 def bytes_moved(optimizer: str, variant: str, numel: int, element_size: int) -> int:
     """The floor of a full SAM step with that base step, in bytes."""
-    return UNITS[(optimizer, variant)] * numel * element_size
+    return UNITS[(optimizer, variant.replace("SAM_", ""))] * numel * element_size
 
 
 def torch_step_impl(device: torch.device) -> str:
@@ -69,7 +74,16 @@ class FullStep:
     def __init__(self, optimizer: str, variant: str, backend, ts: TensorSet):
         self.optimizer, self.variant, self.backend, self.ts = optimizer, variant, backend, ts
         cls, self.kwargs = OPTIMIZERS[optimizer]
-        if variant == "unfused":
+        self.sam = None
+        if variant.startswith("SAM_"):
+            self.impl = torch_step_impl(ts.device) if variant == "SAM_unfused" else "fastsam"
+            for p, g in zip(ts.params, ts.grads):
+                p.requires_grad_(True)
+                p.grad = g
+            impl = {torch_step_impl(ts.device): True}
+            self.sam = fastsam.SAM(ts.params, cls, rho=RHO, backend=backend.name, check_finite=False,
+                                   fused_base_step=variant == "SAM_fused", **self.kwargs, **impl)
+        elif variant == "unfused":
             self.impl = torch_step_impl(ts.device)
             for p, g in zip(ts.params, ts.grads):
                 p.grad = g
@@ -84,6 +98,10 @@ class FullStep:
                                   steps=[torch.zeros((), device=ts.device) for _ in ts.params])
 
     def __call__(self) -> None:
+        if self.sam is not None:
+            self.sam.first_step()
+            self.sam.second_step()
+            return
         b, ts = self.backend, self.ts
         s = b.sumsq(ts.grads)
         b.perturb_(ts.params, ts.grads, ts.backups, s, RHO)
@@ -130,7 +148,8 @@ def run(device="cpu", workloads=DEFAULT_WORKLOADS, backend: str = "auto", dtype=
             for variant in VARIANTS:
                 ts = ts_by_variant[variant]
                 row = {"workload": name, "backend": chosen.name, "item": item_name(optimizer, variant),
-                       "base_step": f"torch {steps[variant].impl}" if variant == "unfused" else "fastsam fused",
+                       "base_step": (f"torch {steps[variant].impl}" if steps[variant].impl != "fastsam"
+                                     else "fastsam fused"),
                        "dtype": str(dtype).replace("torch.", ""), "numel": ts.numel, "tensors": len(ts.params),
                        "bytes": bytes_moved(optimizer, variant, ts.numel, ts.element_size),
                        **timings[variant].summary(), "error": None}
@@ -141,11 +160,13 @@ def run(device="cpu", workloads=DEFAULT_WORKLOADS, backend: str = "auto", dtype=
                     progress(f"{name:9s} {row['item']:24s} {row['base_step']:14s} {row['median_ms']:10.3f} ms "
                              f"(p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f}; {row['pct_copy_bw']:5.1f}% of copy "
                              f"bw, {row['reps']} reps)")
-            for row in rows[-len(VARIANTS):]:
-                row["speedup_fused_vs_unfused"] = medians["unfused"] / medians["fused"]
+            for row, variant in zip(rows[-len(VARIANTS):], VARIANTS):
+                unfused, fused = next(pair for pair in PAIRS if variant in pair)
+                row["speedup_fused_vs_unfused"] = medians[unfused] / medians[fused]
             if progress is not None:
-                speedup = medians["unfused"] / medians["fused"]
-                progress(f"{name:9s} {optimizer:24s} fused/unfused speed-up {speedup:.3f}x")
+                for unfused, fused in PAIRS:
+                    progress(f"{name:9s} {optimizer:24s} {fused}/{unfused} speed-up "
+                             f"{medians[unfused] / medians[fused]:.3f}x")
             del ts_by_variant, steps
             if timer.device.type == "cuda":
                 torch.cuda.empty_cache()

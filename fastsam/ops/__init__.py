@@ -55,7 +55,7 @@ The efficient variants (docs/ALGORITHMS.md §9) add three ops:
 **Fused base steps and the one-pass unperturb chain.** With the ops above, a SAM step
 ends with restore_ (8N bytes) and then torch.optim's own step from the restored weights.
 The ops below take the step from the backups directly, and fuse GSAM's combination and the
-sub-batch accumulation into the sweeps that must happen anyway (bytes: docs/FUSED_STEPS.md).
+sub-batch accumulation into the sweeps that must happen anyway (bytes: docs/DESIGN.md §9).
 Sweeps after the perturbed backward, at the minimum the data dependencies allow:
 
 * SAM (any ASAM/OBF/RandSAM variant), last sub-batch: 1 sweep, the fused step.
