@@ -462,10 +462,15 @@ def test_bench_modules_import_no_cycle():
 
 
 def test_full_step_items_in_the_ops_run(tmp_path):
-    out = tmp_path / "full.json"
+    out, out_csv = tmp_path / "full.json", tmp_path / "full.csv"
     assert cli.main(QUICK + ["--items", "sam_substep", "--backends", "foreach,cpp", "--full-step",
-                             "--json", str(out)]) == 0
+                             "--json", str(out), "--csv", str(out_csv)]) == 0
     result = json.loads(out.read_text())
+    with open(out_csv, newline="") as f:  # the full-step rows' extra columns are in the CSV too
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(result["results"])
+    assert {r["speedup_fused_vs_unfused"] for r in csv_rows if r["kind"] == "full_step"} - {""} \
+        and all(r["speedup_fused_vs_unfused"] == "" for r in csv_rows if r["kind"] != "full_step")
     rows = [r for r in result["results"] if r["kind"] == "full_step"]
     assert {(r["backend"], r["item"]) for r in rows} == {
         (b, f"sam_{o}_{v}") for b in ("foreach", "cpp") for o in ("sgd_momentum", "adamw") for v in full_step.VARIANTS}

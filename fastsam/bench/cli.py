@@ -291,7 +291,9 @@ def run_ops(args, device: torch.device, dtype: torch.dtype, backends: dict, note
     full_step_workloads = ([] if not args.full_step else workloads if args.workloads
                            else [w for w in workloads if w in full_step_mod.DEFAULT_WORKLOADS])
     full_step_backends = [n for n in backends if n != "reference"]
-    progress.total += len(full_step_workloads) * len(full_step_backends) * len(full_step_mod.OPTIMIZERS)
+    # one progress line per variant and one per fused/unfused pair, for each optimizer
+    progress.total += (len(full_step_workloads) * len(full_step_backends) * len(full_step_mod.OPTIMIZERS)
+                       * (len(full_step_mod.VARIANTS) + len(full_step_mod.PAIRS)))
     rows: list = []
     try:
         for w, wb in plan:

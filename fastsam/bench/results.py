@@ -45,7 +45,8 @@ def write_csv(path: str, result: dict) -> None:
     prefix["load_average"] = "/".join(map(str, env["load_average"])) if env.get("load_average") else None
     prefix["mode"] = result["kind"] + (" quick" if result["settings"].get("quick") else "")
     rows = [{**prefix, **clean(r)} for r in result["results"]]
-    columns = list(rows[0]) if rows else list(prefix)
+    # the union of every row's keys, in order of appearance (--full-step rows have extra columns)
+    columns = list(dict.fromkeys(key for row in rows for key in row)) if rows else list(prefix)
     if os.path.exists(path) and os.path.getsize(path) > 0:
         with open(path, newline="", encoding="utf-8") as f:
             existing = next(csv.reader(f), [])
