@@ -22,6 +22,7 @@ times are pooled, so that a change in machine load falls on both.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from typing import Callable, Optional
@@ -139,37 +140,40 @@ def run(device="cpu", workloads=DEFAULT_WORKLOADS, backend: str = "auto", dtype=
     for name in workloads:
         workload = WORKLOADS[name]
         for optimizer in optimizers:
-            ts_by_variant = {v: TensorSet(workload, timer.device, dtype) for v in VARIANTS}
             chosen = ops.get_backend(backend, timer.device, dtype)
-            steps = {v: FullStep(optimizer, v, chosen, ts_by_variant[v]) for v in VARIANTS}
-            with torch.no_grad():
-                timings = measure_pair(timer, {v: steps[v] for v in VARIANTS}, rounds)
             medians = {}
-            for variant in VARIANTS:
-                ts = ts_by_variant[variant]
-                row = {"workload": name, "backend": chosen.name, "item": item_name(optimizer, variant),
-                       "base_step": (f"torch {steps[variant].impl}" if steps[variant].impl != "fastsam"
-                                     else "fastsam fused"),
-                       "dtype": str(dtype).replace("torch.", ""), "numel": ts.numel, "tensors": len(ts.params),
-                       "bytes": bytes_moved(optimizer, variant, ts.numel, ts.element_size),
-                       **timings[variant].summary(), "error": None}
-                engine.derive(row, copy["GBps"])
-                medians[variant] = row["median_ms"]
-                rows.append(row)
+            # one pair at a time (its two variants timed in alternating rounds): four tensor
+            # sets of GPT-2 with AdamW state at once exceeded 24 GiB
+            for pair in PAIRS:
+                ts_by_variant = {v: TensorSet(workload, timer.device, dtype) for v in pair}
+                steps = {v: FullStep(optimizer, v, chosen, ts_by_variant[v]) for v in pair}
+                with torch.no_grad():
+                    timings = measure_pair(timer, steps, rounds)
+                for variant in pair:
+                    ts = ts_by_variant[variant]
+                    row = {"workload": name, "backend": chosen.name, "item": item_name(optimizer, variant),
+                           "base_step": (f"torch {steps[variant].impl}" if steps[variant].impl != "fastsam"
+                                         else "fastsam fused"),
+                           "dtype": str(dtype).replace("torch.", ""), "numel": ts.numel, "tensors": len(ts.params),
+                           "bytes": bytes_moved(optimizer, variant, ts.numel, ts.element_size),
+                           **timings[variant].summary(), "error": None}
+                    engine.derive(row, copy["GBps"])
+                    medians[variant] = row["median_ms"]
+                    rows.append(row)
+                    if progress is not None:
+                        progress(f"{name:9s} {row['item']:28s} {row['base_step']:14s} {row['median_ms']:10.3f} ms "
+                                 f"(p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f}; {row['pct_copy_bw']:5.1f}% of "
+                                 f"copy bw, {row['reps']} reps)")
+                unfused, fused = pair
+                for row in rows[-len(pair):]:
+                    row["speedup_fused_vs_unfused"] = medians[unfused] / medians[fused]
                 if progress is not None:
-                    progress(f"{name:9s} {row['item']:24s} {row['base_step']:14s} {row['median_ms']:10.3f} ms "
-                             f"(p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f}; {row['pct_copy_bw']:5.1f}% of copy "
-                             f"bw, {row['reps']} reps)")
-            for row, variant in zip(rows[-len(VARIANTS):], VARIANTS):
-                unfused, fused = next(pair for pair in PAIRS if variant in pair)
-                row["speedup_fused_vs_unfused"] = medians[unfused] / medians[fused]
-            if progress is not None:
-                for unfused, fused in PAIRS:
-                    progress(f"{name:9s} {optimizer:24s} {fused}/{unfused} speed-up "
+                    progress(f"{name:9s} {optimizer:28s} {fused}/{unfused} speed-up "
                              f"{medians[unfused] / medians[fused]:.3f}x")
-            del ts_by_variant, steps
-            if timer.device.type == "cuda":
-                torch.cuda.empty_cache()
+                del ts_by_variant, steps, timings
+                gc.collect()
+                if timer.device.type == "cuda":
+                    torch.cuda.empty_cache()
     return {"environment": environment(timer.device), "copy": copy, "results": rows}
 
 
