@@ -41,7 +41,8 @@ def worker(rank: int, port: int, args, results):
     for _ in range(args.layers):
         layers += [torch.nn.Linear(args.width, args.width), torch.nn.Tanh()]
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(*layers, torch.nn.Linear(args.width, 10)))
-    opt = fastsam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.01, momentum=0.9, gsam_alpha=args.gsam)
+    opt = fastsam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.01, momentum=0.9, gsam_alpha=args.gsam,
+                      backend=args.backend)
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch, args.width, generator=gen)
     y = torch.randint(0, 10, (args.batch,), generator=gen)
@@ -66,6 +67,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--micro", type=int, default=16)
     parser.add_argument("--gsam", type=float, default=0.0)
+    parser.add_argument("--backend", default="auto",
+                        help="fastsam backend (foreach runs without the compiled extension, e.g. in an old checkout)")
     args = parser.parse_args(argv)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
