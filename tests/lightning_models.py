@@ -49,7 +49,10 @@ def make_sam(params, variant, scheduler=False):
     kwargs = dict(VARIANTS[variant])
     if kwargs.get("randsam"):
         kwargs["generator"] = torch.Generator().manual_seed(7)
-    sam = fastsam.SAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=1e-3, **kwargs)
+    # unfused: Lightning is compared bitwise with train_step, and Lightning steps after the
+    # restore (fused, train_step's GSAM step differs from that by roundings)
+    sam = fastsam.SAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=1e-3, fused_base_step=False,
+                      **kwargs)
     sched = torch.optim.lr_scheduler.StepLR(sam, step_size=2, gamma=0.5) if scheduler else None
     return sam, sched
 
