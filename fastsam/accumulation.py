@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from fastsam import distributed
@@ -98,3 +99,24 @@ class Accumulator:
 
     def drop(self) -> None:
         self._entries.clear()
+
+
+@torch.no_grad()
+def expose_nonfinite_sums(buckets: list[Bucket]) -> None:
+    """Make GradScaler see inf/nan in the accumulated sums of a fused last sub-batch.
+
+    The scaler finds infs in ``.grad``, which then holds only the last sub-batch's gradient
+    while the earlier ones live in the accumulator (the fused step adds them in its sweep).
+    Where a bucket's sum is not finite, one element of one of its gradients becomes inf, on
+    the device without a host read, so the scaler skips the step and backs off exactly as it
+    would have on the summed gradient. Costs one read of the sums (an inf-norm, exact: no
+    overflow of finite values, and nan propagates).
+    """
+    for bucket in buckets:
+        grad = next((p.grad for p in bucket.params if p.grad is not None and p.grad.numel() > 0), None)
+        if grad is None:
+            continue
+        (flat,) = bucket.buffers["accum.flat"]
+        finite = torch.isfinite(torch.linalg.vector_norm(flat, float("inf")))
+        element = grad[(0,) * grad.dim()]
+        element.copy_(torch.where(finite, element, torch.full_like(element, float("inf"))))

@@ -15,8 +15,10 @@ fastsam/ops/__init__.py; the bytes of every path are tabled in docs/DESIGN.md §
 * ``True``: fused wherever it is supported; ``False``: never.
 
 It is used only where SAM knows the base step follows the restore at once:
-``second_step()``, ``step(closure)`` and ``fastsam.train_step`` without sub-batch
-accumulation or gradient clipping. The optimizer's ``state`` stays torch.optim's own (the
+``second_step()``, ``step(closure)`` and ``fastsam.train_step`` without gradient clipping
+(with sub-batches the last one's accumulation goes into the step too: ``accums``). The
+combined (GSAM) or summed (sub-batches) gradient exists only inside the sweep, so ``.grad``
+then holds the descent pass's own gradient, or None after sub-batches. The optimizer's ``state`` stays torch.optim's own (the
 same keys, dtypes and devices; a first step initialises it exactly as torch does), so
 checkpoints move freely between fused runs, unfused runs and plain torch.optim.
 
@@ -106,13 +108,13 @@ class FusedBaseStep:
             # measured: the foreach composition is slower than torch's fused step (0.47-0.70x on
             # the bench's mini set), and backend='reference' stays the plain composition
             return f"'auto' fuses with the cpp backend only (this is {buckets[0].backend.name!r})"
-        adam = isinstance(base, torch.optim.Adam)  # AdamW is a subclass in recent torch
+        adam = isinstance(base, (torch.optim.Adam, torch.optim.AdamW))  # (AdamW subclasses Adam in recent torch)
         for group in base.param_groups:
             if group.get("differentiable", False):
                 return "a param group has differentiable=True"
             if not _lr_ok(group["lr"]):
                 return f"a param group's lr is {type(group['lr']).__name__}, not a float or a 1-element tensor"
-            if adam or isinstance(base, torch.optim.AdamW):
+            if adam:
                 if not all(_is_number(b) for b in group["betas"]):
                     return "a param group's betas are tensors"
                 if not _is_number(group["weight_decay"]) or not _is_number(group["eps"]):
@@ -122,7 +124,7 @@ class FusedBaseStep:
                             "fused=True; the fused kernels read them on the device")
             elif not all(_is_number(group[k]) for k in ("momentum", "dampening", "weight_decay")):
                 return "a param group's momentum, dampening or weight_decay is not a float"
-        if adam or isinstance(base, torch.optim.AdamW):
+        if adam:
             if torch.get_default_dtype() == torch.float64:
                 return "torch's default dtype is float64, so Adam's step counts would be float64"
         return None
@@ -146,21 +148,24 @@ class FusedBaseStep:
     # -- the step --
 
     def run(self, buckets: list, sources: dict, gsam: Optional[tuple], grad_scale: Optional[Tensor],
-            found_inf: Optional[Tensor]) -> None:
+            found_inf: Optional[Tensor], accums: Optional[dict] = None, accum_scale: float = 1.0) -> None:
         """The base step of every parameter that has a gradient.
 
         ``sources``: id(param) -> its backup (the parameter is at w + eps and steps from the
         backup); parameters not in it step from themselves. ``gsam``: (stats, {id(param):
         (ascent, alpha)}) when GSAM's combination is still to be applied to the gradient.
+        ``accums``: id(param) -> the sum of the earlier sub-batches' gradients; such a
+        parameter steps along ``sum + accum_scale * g``.
         """
+        accums = accums or {}
         fresh = []  # (state dict, param) initialised by this step: undone if the step is skipped
         for bucket in buckets:
             group = self.base.param_groups[bucket.group_index]
             live = [p for p in bucket.params if p.grad is not None]
             if not live:
                 continue
-            for part in _partition(live, sources, gsam, self._first_key(group)):
-                self._run_part(bucket, group, part, sources, gsam, grad_scale, found_inf, fresh)
+            for part in _partition(live, sources, gsam, accums, self._first_key(group)):
+                self._run_part(bucket, group, part, sources, gsam, accums, accum_scale, grad_scale, found_inf, fresh)
         if fresh and found_inf is not None and bool(found_inf.item()):
             # torch.optim never ran on a skipped step, so it initialised nothing: neither does this
             for p in fresh:
@@ -175,12 +180,15 @@ class FusedBaseStep:
             return lambda p: state[p].get("momentum_buffer") is None if p in state else True
         return lambda p: len(state[p]) == 0 if p in state else True
 
-    def _run_part(self, bucket, group, part, sources, gsam, grad_scale, found_inf, fresh) -> None:
-        params, first, has_backups, has_ascent = part
+    def _run_part(self, bucket, group, part, sources, gsam, accums, accum_scale, grad_scale, found_inf,
+                  fresh) -> None:
+        params, first, has_backups, has_ascent, has_accum = part
         backend = bucket.backend
         chain = {}
         if has_backups:
             chain["backups"] = [sources[id(p)] for p in params]
+        if has_accum:
+            chain.update(accum=[accums[id(p)] for p in params], accum_scale=accum_scale)
         if has_ascent:
             stats, per_param = gsam
             chain.update(ascent=[per_param[id(p)][0] for p in params], gsam_stats=stats,
@@ -226,23 +234,24 @@ class FusedBaseStep:
                            **chain)
 
 
-def _partition(params: list, sources: dict, gsam: Optional[tuple], is_first) -> list:
+def _partition(params: list, sources: dict, gsam: Optional[tuple], accums: dict, is_first) -> list:
     """Split a bucket's parameters into runs that one op call can take: the same first-step
-    flag, the same source (backup or self) and the same GSAM combination. Usually one run."""
+    flag, the same source (backup or self), the same GSAM combination and accumulator use.
+    Usually one run."""
     per_param = gsam[1] if gsam is not None else {}
     parts: dict = {}
     for p in params:
-        key = (is_first(p), id(p) in sources, id(p) in per_param)
+        key = (is_first(p), id(p) in sources, id(p) in per_param, id(p) in accums)
         parts.setdefault(key, []).append(p)
     out = []
-    for (first, has_backups, has_ascent), ps in parts.items():
+    for (first, has_backups, has_ascent, has_accum), ps in parts.items():
         if has_ascent:  # one alpha per call
             by_alpha: dict = {}
             for p in ps:
                 by_alpha.setdefault(per_param[id(p)][1], []).append(p)
-            out += [(group, first, has_backups, True) for group in by_alpha.values()]
+            out += [(group, first, has_backups, True, has_accum) for group in by_alpha.values()]
         else:
-            out.append((ps, first, has_backups, False))
+            out.append((ps, first, has_backups, False, has_accum))
     return out
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fastsam import checkpoint, closure as closure_protocol, fused_step, ops
-from fastsam.accumulation import Accumulator
+from fastsam.accumulation import Accumulator, expose_nonfinite_sums
 from fastsam.ops import compiled
 from fastsam.passes import Pass, SubStepResult
 from fastsam.plan import (ADAPTIVE_EXPONENTS, Bucket, MissingGrad, StepPlan, adaptive_exponents,  # noqa: F401
@@ -206,6 +206,9 @@ class SAM(Optimizer):
         # perturbed buckets whose restore (and GSAM combination) the next base step does, fused
         # with it: set only right before that base step (second_step, train_step), never left set
         self._pending: Optional[list[Bucket]] = None
+        # with _pending, on a step's last sub-batch: (the earlier sub-batches' sum, the last one's
+        # weight), which the fused step adds into its direction (d = sum + weight * g)
+        self._pending_accumulation: Optional[tuple[Accumulator, float]] = None
         self._ascent_sumsqs: list[Tensor] = []  # of this step's perturbations, for the finite check
         self._descent_ready = False  # unperturb() ran since the last base step
         self.steps_taken = 0  # base steps so far (schedules and variants count with it; in checkpoints)
@@ -300,6 +303,7 @@ class SAM(Optimizer):
 
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._settle()  # a deferred restore needs the gradients: it runs first
         if set_to_none:
             compiled.clear_grads(self._params())  # one C++ pass where the extension is built
         else:
@@ -533,7 +537,7 @@ class SAM(Optimizer):
                 with torch.no_grad():
                     for bucket in perturbed:
                         bucket.backend.restore_(bucket.tensors(), bucket.buffer("backup"))
-        self._perturbed = self._pending = None
+        self._perturbed = self._pending = self._pending_accumulation = None
         self._accumulator.drop()
         self._ascent_sumsqs.clear()
         self._descent_ready = False
@@ -549,12 +553,13 @@ class SAM(Optimizer):
         if self._perturbed is not None:
             raise RuntimeError("the weights are perturbed: call unperturb() before base_step()")
         pending, self._pending = self._pending, None
+        accumulation, self._pending_accumulation = self._pending_accumulation, None
         try:
             self._before_base_step(scaler)
             ascent_sumsqs, self._ascent_sumsqs = self._ascent_sumsqs, []
             self._descent_ready = False
             if pending is not None:
-                result = self._fused_base_step(pending, scaler, ascent_sumsqs)
+                result = self._fused_base_step(pending, scaler, ascent_sumsqs, accumulation)
             elif scaler is not None:
                 result = scaler.step(self._base)
             else:
@@ -572,10 +577,12 @@ class SAM(Optimizer):
         self._after_base_step()
         return result
 
-    def _fused_base_step(self, pending: list[Bucket], scaler, ascent_sumsqs: list[Tensor]):
-        """The base step taken from the backups of the ``pending`` buckets (fastsam/fused_step.py)."""
+    def _fused_base_step(self, pending: list[Bucket], scaler, ascent_sumsqs: list[Tensor],
+                         accumulation: Optional[tuple[Accumulator, float]]):
+        """The base step taken from the backups of the ``pending`` buckets (fastsam/fused_step.py);
+        with ``accumulation``, of the earlier sub-batches' sum plus the weighted last gradient."""
         base = self._base
-        buckets = self._plan.buckets(_current_rho)
+        buckets = self._step_buckets  # first_step's plan: nothing between it and here changes the parameters
         sources = {id(p): backup for b in pending for p, backup in zip(b.params, b.buffer("backup"))}
         gsam = None
         if any(b.alpha != 0.0 for b in pending):
@@ -583,17 +590,29 @@ class SAM(Optimizer):
             if stats is not None:
                 gsam = (stats, {id(p): (ascent, b.alpha) for b in combined if b.alpha != 0.0
                                 for p, ascent in zip(b.params, b.buffer("ascent"))})
+        accums, weight = {}, 1.0
+        if accumulation is not None:
+            weight = accumulation[1]
+            accums = {id(p): a for b in buckets for p, a in zip(b.params, b.flat_buffer("accum"))}
 
         @torch.no_grad()
         def fused():
-            self._fused.run(buckets, sources, gsam, getattr(base, "grad_scale", None), getattr(base, "found_inf", None))
+            self._fused.run(buckets, sources, gsam, getattr(base, "grad_scale", None), getattr(base, "found_inf", None),
+                            accums, weight)
 
         if scaler is not None:
+            if accumulation is not None:
+                expose_nonfinite_sums(buckets)
             result = fused_step.step_through_scaler(scaler, base, fused)
         else:
             if self.check_finite:
-                self._check_finite(ascent_sumsqs)
+                self._check_finite(ascent_sumsqs, accumulated=accumulation is not None)
             result = fused()
+        if accumulation is not None:
+            accumulation[0].drop()
+            # the step's summed gradient never existed anywhere (that is the sweep saved), and the
+            # last sub-batch's gradient alone is not the step's: .grad is None, not misleading
+            self.zero_grad(set_to_none=True)
         base._opt_called = True  # for an LR scheduler attached to the base optimizer
         return result
 
@@ -603,16 +622,33 @@ class SAM(Optimizer):
         if any(getattr(cls, name) is not getattr(SAM, name)
                for name in ("unperturb", "_gsam_combine", "_before_base_step", "base_step", "_fused_base_step")):
             return False  # a subclass changes what happens between the descent pass and the step
-        return self._fused.usable(self._plan.buckets(_current_rho))
+        return self._fused.usable(self._step_buckets)  # called after first_step(), which set them
 
-    def _defer_unperturb(self) -> None:
-        """unperturb() whose restore and GSAM combination the base step that follows does."""
+    def _accumulation_can_defer(self) -> bool:
+        """Whether the last sub-batch's restore and accumulation can go into the fused step too:
+        every parameter of the step has a gradient now and a sum from the earlier sub-batches
+        in its bucket's accumulator (a parameter that missed a sub-batch, or a restricted
+        perturbation, takes the unfused path)."""
+        acc = self._accumulator
+        ids = {id(b) for b in self._step_buckets}
+        return (all(id(b) in ids for b in self._perturbed)
+                and all(acc.whole_bucket_init(b) is False and all(p.grad is not None for p in b.params)
+                        for b in self._step_buckets))
+
+    def _defer_unperturb(self, accumulate_weight: Optional[float] = None) -> None:
+        """unperturb() whose restore, GSAM combination (and with ``accumulate_weight`` the
+        accumulation) the base step that follows does."""
         self._pending, self._perturbed = self._perturbed, None
+        if accumulate_weight is not None:
+            # out of the accumulator, so that nothing loads the partial sum into .grad
+            self._pending_accumulation = (self._accumulator, float(accumulate_weight))
+            self._accumulator = Accumulator()
         self._descent_ready = True
 
     def _settle(self) -> None:
-        """Do a deferred restore (and GSAM combination) now."""
+        """Do a deferred restore (GSAM combination, accumulation) now."""
         pending, self._pending = self._pending, None
+        accumulation, self._pending_accumulation = self._pending_accumulation, None
         if pending is None:
             return
         with torch.no_grad():
@@ -620,6 +656,11 @@ class SAM(Optimizer):
                 bucket.backend.restore_(bucket.tensors(), bucket.buffer("backup"))
             if any(b.alpha != 0.0 for b in pending):
                 self._gsam_combine(pending)
+            if accumulation is not None:
+                self._accumulator, weight = accumulation
+                for bucket in self._step_buckets:
+                    self._accumulator.add(bucket, weight)
+                self.zero_grad(set_to_none=True)
 
     def _before_base_step(self, scaler) -> None:
         """Called by base_step() before anything else (the variants finish their gradient here)."""
@@ -629,15 +670,18 @@ class SAM(Optimizer):
         self.steps_taken += 1
         self._sam_decision = None
 
-    def _check_finite(self, ascent_sumsqs: list[Tensor]) -> None:
-        """One host synchronisation: inf/nan anywhere in this step raises; zero ascent norms warn."""
+    def _check_finite(self, ascent_sumsqs: list[Tensor], accumulated: bool = False) -> None:
+        """One host synchronisation: inf/nan anywhere in this step raises; zero ascent norms warn.
+        ``accumulated``: the gradients are the last sub-batch's, the rest is in the accumulator."""
         buckets = self._plan.buckets(_current_rho)
+        checks = list(ascent_sumsqs)
+        if accumulated:
+            checks.append(global_sum(buckets, [b.backend.sumsq(b.buffers["accum.flat"]) for b in buckets]))
         try:
             parts = [b.backend.sumsq(b.grads()) for b in buckets]
         except MissingGrad:
             buckets = with_grads(buckets)
             parts = [b.backend.sumsq(b.grads()) for b in buckets]
-        checks = list(ascent_sumsqs)
         if buckets:
             checks.append(global_sum(buckets, parts))
         if not checks:
@@ -706,7 +750,8 @@ class SAM(Optimizer):
         passes and collectives. If a pass raises, the weights are restored and partial
         accumulations dropped before the error propagates. ``then_base_step`` (fastsam's own
         train_step): the caller calls ``base_step()`` next, with nothing in between that reads
-        the weights or the gradients, so the restore may be left to a fused base step.
+        the weights or the gradients, so the restore (and with ``weight`` the accumulation,
+        unless ``sync`` asks for an average first) may be left to a fused base step.
         """
         self.zero_grad(set_to_none=True)
         try:
@@ -722,8 +767,11 @@ class SAM(Optimizer):
             perturbed_loss = run_pass(Pass.DESCENT, scale=scale, sync=synced)
             if perturbed:
                 accumulate_weight = None if synced else weight
-                if then_base_step and accumulate_weight is None and self._can_defer():
-                    self._defer_unperturb()  # the caller's base_step() follows at once and restores, fused
+                if then_base_step and self._can_defer() and (
+                        accumulate_weight is None or (not sync and self._accumulation_can_defer())):
+                    # the caller's base_step() follows at once and restores (and accumulates), fused;
+                    # not when a data-parallel caller averages the accumulator first (sync)
+                    self._defer_unperturb(accumulate_weight)
                 else:
                     self.unperturb(accumulate_weight=accumulate_weight)
             elif weight is not None and not synced:

@@ -287,9 +287,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs, targe
             else:
                 kwargs = dict(weight=weight if accumulate else None, sync=last and ddp,
                               skip_nonfinite=scaler is not None)
-                if last and not accumulate and max_grad_norm is None and sam.schedule is None \
-                        and type(sam).sub_step is SAM.sub_step:
-                    # the base step follows at once: it may take the restore over (fused_base_step)
+                if last and max_grad_norm is None and sam.schedule is None and type(sam).sub_step is SAM.sub_step:
+                    # the base step follows at once: it may take the restore (and the
+                    # accumulation) over (fused_base_step)
                     result = sam._sam_sub_step(passes, then_base_step=True, **kwargs)
                 else:
                     result = sam.sub_step(passes, **kwargs)

@@ -45,7 +45,7 @@ VARIANTS = {
     "randsam": dict(rho=0.05, randsam=True),
     "obf": dict(rho=0.6, ascent_loss=dict(C=1000.0, gamma=1.0)),
 }
-LOOPS = ("second_step", "closure", "train_step", "micro_batches")
+LOOPS = ("second_step", "closure", "train_step", "micro_batches", "accumulation_steps")
 
 
 def make_model(dtype=torch.float32):
@@ -93,6 +93,10 @@ def build(backend: str, variant: str, base: str, fused, dtype=torch.float32, ref
 def one_step(model, optimizer, loop: str, x, y, ascent_loss, scaler=None):
     if loop == "micro_batches":  # 3 perturbation sub-batches: the fused unperturb chain, then the base step
         fastsam.train_step(model, optimizer, x, y, F.cross_entropy, ascent_loss=ascent_loss, micro_batch=8)
+    elif loop == "accumulation_steps":  # 2 calls of 2 sub-batches (8 + 4 examples) each
+        for half, step in ((slice(0, 12), False), (slice(12, 24), True)):
+            fastsam.train_step(model, optimizer, x[half], y[half], F.cross_entropy, ascent_loss=ascent_loss,
+                               micro_batch=8, accumulation_steps=2, step=step)
     elif loop == "train_step" or ascent_loss is not None:
         fastsam.train_step(model, optimizer, x, y, F.cross_entropy, ascent_loss=ascent_loss, scaler=scaler)
     elif loop == "second_step":
@@ -168,7 +172,7 @@ def _cases():
         for base in BASES:
             for variant in VARIANTS:
                 for loop in LOOPS:
-                    if variant == "obf" and loop not in ("train_step", "micro_batches"):
+                    if variant == "obf" and loop not in ("train_step", "micro_batches", "accumulation_steps"):
                         continue  # OBF's ascent loss needs the pass runner
                     if name != "cpp" and variant not in ("sam", "gsam"):
                         continue
@@ -250,19 +254,48 @@ def _recording_calls(optimizer, calls: list):
 
 
 @pytest.mark.parametrize("variant,expected_calls", [
-    ("sam", ["restore_accumulate_"] * 3),
-    ("gsam", ["restore_gsam_reduce", "gsam_combine_accumulate_"] * 3),
+    ("sam", ["restore_accumulate_"] * 2 + ["adam_step_"]),
+    ("gsam", ["restore_gsam_reduce", "gsam_combine_accumulate_"] * 2 + ["gsam_reduce", "adam_step_"]),
 ])
 def test_sub_batches_take_the_fewest_sweeps(variant, expected_calls):
-    """docs/DESIGN.md §9: each sub-batch's restore, GSAM combination and accumulation in one
-    sweep (SAM) or two (GSAM, which needs a global reduction first); then torch.optim's own
-    step on the loaded sum (the last sub-batch's accumulation is not fused into the step)."""
+    """docs/DESIGN.md §9: each earlier sub-batch's restore, GSAM combination and accumulation in
+    one sweep (SAM) or two (GSAM, which needs a global reduction first); the last sub-batch's
+    restore, combination and accumulation are all inside the base step's sweep."""
     model, optimizer, _ = build("cpp", variant, "adam", True)
     calls: list = []
     _recording_calls(optimizer, calls)
     x, y = make_data()
     fastsam.train_step(model, optimizer, x[0], y[0], F.cross_entropy, micro_batch=8)
     assert calls == expected_calls
+    assert all(p.grad is None for p in model.parameters()), \
+        "after a fused accumulating step .grad must not hold the last sub-batch's gradient as if it were the step's"
+
+
+@pytest.mark.parametrize("weight", [None, 0.25], ids=["whole_batch", "accumulating"])
+def test_a_deferred_restore_is_settled_if_no_base_step_follows(weight):
+    """A sub-step told that the base step follows (``then_base_step``, train_step's promise)
+    leaves its restore (and accumulation) to that step. If another sub-step comes first, the
+    deferred work is done before it touches the gradients or the weights, and the result is
+    the unfused one."""
+    from fastsam.passes import Pass
+    x, y = make_data()
+    results = []
+    for fused in (True, False):
+        model, optimizer, _ = build("cpp", "gsam", "sgd_momentum_dampening_l2", fused)
+
+        def run_pass(kind, scale=1.0, sync=False, i=None):
+            loss = F.cross_entropy(model(x[i]), y[i]) * scale
+            loss.backward()
+            return loss.detach()
+        optimizer.sub_step(lambda *a, **k: run_pass(*a, i=0, **k), weight=0.25)
+        optimizer._sam_sub_step(lambda *a, **k: run_pass(*a, i=1, **k), weight=weight, then_base_step=True)
+        assert optimizer.is_perturbed is False
+        # (whole batch: the next sub-step's zero_grad drops that gradient, deferred or not)
+        optimizer.sub_step(lambda *a, **k: run_pass(*a, i=2, **k), weight=0.5)
+        optimizer.load_accumulated_grads()
+        optimizer.base_step()
+        results.append(snapshot(model, optimizer))
+    assert_same_history([results[0]], [results[1]])
 
 
 def test_rho_zero_group_steps_from_its_weights():
@@ -294,22 +327,27 @@ def test_invalid_mode():
 
 # ---- GradScaler ---------------------------------------------------------------------------
 
-def _scaled_run(fused, skip_steps, base="adamw_amsgrad"):
-    model, optimizer, _ = build("cpp" if fused else "reference", "gsam", base, fused, reference=not fused)
+def _poison_gradient(model, call: int, value=float("inf")):
+    """Replace the gradient of model[0].weight by ``value`` at its ``call``-th backward (1 is the
+    first sub-batch's ascent pass, 2 its descent pass, 3 the second sub-batch's ascent pass, ...)."""
+    calls = []
+
+    def poison(g):
+        calls.append(1)
+        return torch.full_like(g, value) if len(calls) == call else g
+    return model[0].weight.register_hook(poison)
+
+
+def _scaled_run(fused, skip_steps, base="adamw_amsgrad", variant="gsam", micro_batch=None, poisoned_call=2):
+    model, optimizer, _ = build("cpp" if fused else "reference", variant, base, fused, reference=not fused)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
     x, y = make_data()
     history, scales = [], []
     for step in range(STEPS):
-        xs = x[step].clone()
-        if step in skip_steps:  # the descent gradient only: the ascent pass perturbs as usual
-            calls = []
-
-            def poison(g, calls=calls):
-                calls.append(1)
-                return torch.full_like(g, float("inf")) if len(calls) == 2 else g
-            handle = model[0].weight.register_hook(poison)
-        fastsam.train_step(model, optimizer, xs, y[step], F.cross_entropy, scaler=scaler)
-        if step in skip_steps:
+        # a descent gradient only: the ascent passes perturb as usual
+        handle = _poison_gradient(model, poisoned_call) if step in skip_steps else None
+        fastsam.train_step(model, optimizer, x[step], y[step], F.cross_entropy, scaler=scaler, micro_batch=micro_batch)
+        if handle is not None:
             handle.remove()
         history.append(snapshot(model, optimizer))
         scales.append(scaler.get_scale())
@@ -325,6 +363,21 @@ def test_grad_scaler_skips_and_unscales_like_torch(base):
     assert got_scales == exp_scales and exp_scales[0] < 2.0 ** 8
     assert got[0][1] == [] == exp[0][1], "a skipped first step must not create optimizer state"
     assert_same_history(got, exp)
+
+
+@pytest.mark.parametrize("variant", ["sam", "gsam"])
+@pytest.mark.parametrize("poisoned_call", [2, 6], ids=["first_sub_batch", "last_sub_batch"])
+def test_grad_scaler_sees_infs_of_every_sub_batch(variant, poisoned_call):
+    """3 sub-batches per step, the last one's accumulation inside the fused step: an inf descent
+    gradient of the first sub-batch lives only in the accumulator (.grad holds the last
+    sub-batch's) and must still make the scaler skip the step and back off, as unfused."""
+    got, got_scales = _scaled_run(True, {1, 4}, "sgd_momentum_dampening_l2", variant, 8, poisoned_call)
+    exp, exp_scales = _scaled_run(False, {1, 4}, "sgd_momentum_dampening_l2", variant, 8, poisoned_call)
+    assert got_scales == exp_scales and exp_scales[1] < exp_scales[0]
+    assert_same_history(got, exp)
+    for step in (1, 4):  # skipped: the weights as after the step before
+        for a, b in zip(got[step][0], got[step - 1][0]):
+            assert torch.equal(a, b)
 
 
 # ---- failures, checkpoints, fallbacks -----------------------------------------------------------
@@ -348,6 +401,27 @@ def test_nonfinite_gradient_leaves_the_weights_unperturbed():
     for (ka, a), (kb, b) in zip(snapshot(model, optimizer)[1], state_before):
         assert ka == kb and torch.equal(a, b)
     one_step(model, optimizer, "second_step", x[2], y[2], None)  # and it trains on
+
+
+@pytest.mark.parametrize("poisoned_call", [2, 6], ids=["first_sub_batch", "last_sub_batch"])
+def test_nonfinite_sub_batch_gradient_leaves_the_weights_unchanged(poisoned_call):
+    """Without a scaler, the finite check covers the accumulated sum too, not only .grad."""
+    model, optimizer, _ = build("cpp", "sam", "adamw_amsgrad", True)
+    x, y = make_data()
+    fastsam.train_step(model, optimizer, x[0], y[0], F.cross_entropy, micro_batch=8)
+    before = snapshot(model, optimizer)
+    handle = _poison_gradient(model, poisoned_call, float("nan"))
+    with pytest.raises(FloatingPointError):
+        fastsam.train_step(model, optimizer, x[1], y[1], F.cross_entropy, micro_batch=8)
+    handle.remove()
+    after = snapshot(model, optimizer)
+    for a, b in zip(after[0], before[0]):
+        assert torch.equal(a, b), "the weights were left perturbed (or stepped) after the failure"
+    for (ka, a), (kb, b) in zip(after[1], before[1]):
+        assert ka == kb and torch.equal(a, b)
+    assert not optimizer.is_perturbed and not optimizer.accumulating
+    fastsam.train_step(model, optimizer, x[2], y[2], F.cross_entropy, micro_batch=8)  # and it trains on
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_a_failing_step_op_restores_the_weights():
