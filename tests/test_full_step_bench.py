@@ -17,6 +17,12 @@ def test_byte_floors_follow_docs_fused_steps():
     assert full_step.bytes_moved("adamw", "unfused", n, 4) == 56 * n
     assert full_step.bytes_moved("adamw", "fused", n, 4) == 48 * n
     assert full_step.bytes_moved("adamw", "fused", n, 2) == 24 * n
+    # two sub-batches (the accumulation table of §9): each 20N of sumsq + perturb_, then
+    # restore_ 8N + accumulate_ 8N/12N + the step, against restore_accumulate_ 16N + step(accum)
+    assert full_step.bytes_moved("sgd_momentum", "SAM_accum_unfused", n, 4) == 96 * n
+    assert full_step.bytes_moved("sgd_momentum", "SAM_accum_fused", n, 4) == 80 * n
+    assert full_step.bytes_moved("adamw", "SAM_accum_unfused", n, 4) == 104 * n
+    assert full_step.bytes_moved("adamw", "SAM_accum_fused", n, 4) == 88 * n
 
 
 def test_fused_and_unfused_items_take_the_same_step():
@@ -36,6 +42,11 @@ def test_fused_and_unfused_items_take_the_same_step():
             for a, b in zip(sets[variant].params, sets["unfused"].params):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda m: f"{variant}: {m}")
         assert not torch.equal(sets["fused"].params[0], TensorSet(WORKLOADS["mini"], "cpu", torch.float32).params[0])
+        # two sub-batches per step, both with the prepared gradient at weight 1/2: the same
+        # step as one whole batch, unfused (torch's step) and fused
+        for variant in ("SAM_accum_unfused", "SAM_accum_fused"):
+            for a, b in zip(sets[variant].params, sets["unfused"].params):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda m: f"{variant}: {m}")
 
 
 def test_quick_run_writes_rows_with_speedups(tmp_path):

@@ -8,11 +8,18 @@ A SAM step's bookkeeping around the perturbed forward/backward (sumsq, perturb_)
 * ``fused``: fastsam's ``sgd_step_`` / ``adam_step_`` from the backups (no restore pass);
 * ``SAM_unfused`` / ``SAM_fused``: the same step through the optimizer users run,
   ``fastsam.SAM(..., fused_base_step=False / True)`` (``first_step()`` + ``second_step()``,
-  ``check_finite=False`` as torch.optim has no such check), host work included.
+  ``check_finite=False`` as torch.optim has no such check), host work included;
+* ``SAM_accum_unfused`` / ``SAM_accum_fused``: a step of two perturbation sub-batches
+  through ``fastsam.SAM``'s sub-steps as ``train_step(micro_batch=...)`` drives them (the
+  "backward" assigns the prepared gradients): unfused, each sub-batch restores and
+  accumulates in separate sweeps and torch's step runs on the loaded sum; fused, the first
+  sub-batch ends with ``restore_accumulate_`` and the last one's restore and accumulation are
+  inside the base step.
 
 Both on the same buffers (fastsam.bench.workloads.TensorSet), for SGD with momentum and
 AdamW, each measured against its own byte floor (docs/DESIGN.md §9): SGD momentum 48N
-unfused vs 40N fused, AdamW 56N vs 48N bytes for N fp32 parameters. The two variants of a
+unfused vs 40N fused, AdamW 56N vs 48N bytes for N fp32 parameters (two sub-batches: 96N vs
+80N and 104N vs 88N). The two variants of a
 (workload, optimizer) are timed in alternating rounds (fused, unfused, fused, ...) whose
 times are pooled, so that a change in machine load falls on both.
 
@@ -40,8 +47,9 @@ OPTIMIZERS = {
     "sgd_momentum": (torch.optim.SGD, dict(lr=0.01, momentum=0.9, weight_decay=5e-4)),
     "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2)),
 }
-VARIANTS = ("unfused", "fused", "SAM_unfused", "SAM_fused")
-PAIRS = (("unfused", "fused"), ("SAM_unfused", "SAM_fused"))  # each fused speed-up is against its partner
+VARIANTS = ("unfused", "fused", "SAM_unfused", "SAM_fused", "SAM_accum_unfused", "SAM_accum_fused")
+# each fused speed-up is against its partner
+PAIRS = (("unfused", "fused"), ("SAM_unfused", "SAM_fused"), ("SAM_accum_unfused", "SAM_accum_fused"))
 DEFAULT_WORKLOADS = ("resnet50", "vit_b16", "gpt2")
 
 # Bytes per parameter, in units of the element size (docs/DESIGN.md §9): sumsq 1 + perturb_ 4,
@@ -51,6 +59,13 @@ UNITS = {
     ("sgd_momentum", "fused"): 1 + 4 + 5,
     ("adamw", "unfused"): 1 + 4 + 2 + 7,
     ("adamw", "fused"): 1 + 4 + 7,
+    # two sub-batches, each sumsq 1 + perturb_ 4; unfused: restore_ 2 + accumulate_ 2 (the
+    # first overwrites) or 3, then the step; fused: restore_accumulate_ 4 (first), then the
+    # step reading the sum too (SGD momentum 6, AdamW 8)
+    ("sgd_momentum", "accum_unfused"): 2 * 5 + 2 + 2 + 2 + 3 + 5,
+    ("sgd_momentum", "accum_fused"): 2 * 5 + 4 + 6,
+    ("adamw", "accum_unfused"): 2 * 5 + 2 + 2 + 2 + 3 + 7,
+    ("adamw", "accum_fused"): 2 * 5 + 4 + 8,
 }
 
 
@@ -77,13 +92,14 @@ class FullStep:
         cls, self.kwargs = OPTIMIZERS[optimizer]
         self.sam = None
         if variant.startswith("SAM_"):
-            self.impl = torch_step_impl(ts.device) if variant == "SAM_unfused" else "fastsam"
+            fused = variant.endswith("_fused")
+            self.impl = "fastsam" if fused else torch_step_impl(ts.device)
             for p, g in zip(ts.params, ts.grads):
                 p.requires_grad_(True)
                 p.grad = g
             impl = {torch_step_impl(ts.device): True}
             self.sam = fastsam.SAM(ts.params, cls, rho=RHO, backend=backend.name, check_finite=False,
-                                   fused_base_step=variant == "SAM_fused", **self.kwargs, **impl)
+                                   fused_base_step=fused, **self.kwargs, **impl)
         elif variant == "unfused":
             self.impl = torch_step_impl(ts.device)
             for p, g in zip(ts.params, ts.grads):
@@ -98,10 +114,24 @@ class FullStep:
                 self.state = dict(exp_avgs=zeros(), exp_avg_sqs=zeros(), max_exp_avg_sqs=None,
                                   steps=[torch.zeros((), device=ts.device) for _ in ts.params])
 
+    def _backward(self, kind, **_) -> torch.Tensor:
+        """A pass runner's pass (fastsam/passes.py) whose backward assigns the prepared gradients."""
+        for p, g in zip(self.ts.params, self.ts.grads):
+            p.grad = g
+        return self.ts.grads[0].new_zeros(())
+
     def __call__(self) -> None:
-        if self.sam is not None:
-            self.sam.first_step()
-            self.sam.second_step()
+        sam = self.sam
+        if sam is not None and "accum" in self.variant:  # what train_step(micro_batch=...) runs
+            sam.sub_step(self._backward, weight=0.5)
+            sam._sam_sub_step(self._backward, weight=0.5, then_base_step=True)
+            if sam.accumulating:  # unfused: the sum goes into .grad for torch's step
+                sam.load_accumulated_grads()
+            sam.base_step()
+            return
+        if sam is not None:
+            sam.first_step()
+            sam.second_step()
             return
         b, ts = self.backend, self.ts
         s = b.sumsq(ts.grads)
