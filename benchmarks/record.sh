@@ -61,9 +61,21 @@ else
   # shellcheck disable=SC2086
   "$PY" -m fastsam.bench --device "$DEVICE" --peers ${FASTSAM_BENCH_ARGS:-} --json "$DIR/bench.json" --csv "$DIR/bench.csv" \
     --plot "$DIR/bench.png" > "$DIR/bench.txt"
-  # shellcheck disable=SC2086
-  "$PY" -m fastsam.bench --e2e --device "$DEVICE" ${FASTSAM_BENCH_ARGS:-} --json "$DIR/e2e.json" --plot "$DIR/e2e.png" \
-    > "$DIR/e2e.txt"
+  # the e2e stage takes the shared options (--threads, --quick, ...) but not the ops mode's own
+  E2E_ARGS=()
+  # shellcheck disable=SC2206
+  ARGS=(${FASTSAM_BENCH_ARGS:-})
+  i=0
+  while [ $i -lt ${#ARGS[@]} ]; do
+    case ${ARGS[$i]} in
+      --full|--full-step|--peers|--workloads=*|--items=*) ;;
+      --workloads|--items) i=$((i + 1)) ;;
+      *) E2E_ARGS+=("${ARGS[$i]}") ;;
+    esac
+    i=$((i + 1))
+  done
+  "$PY" -m fastsam.bench --e2e --device "$DEVICE" ${E2E_ARGS[@]+"${E2E_ARGS[@]}"} --json "$DIR/e2e.json" \
+    --plot "$DIR/e2e.png" > "$DIR/e2e.txt"
   COMMANDS="benchmarks/record.sh --device $DEVICE \"$NOTE\"${FASTSAM_BENCH_ARGS:+ (FASTSAM_BENCH_ARGS=\"$FASTSAM_BENCH_ARGS\")}"
 fi
 LOAD_AFTER=""
